@@ -1,0 +1,4 @@
+//! Emulated devices: the I/O buses, the legacy PC devices and the virtio devices.
+
+pub mod bus;
+pub mod virtio;

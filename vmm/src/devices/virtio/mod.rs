@@ -1,0 +1,10 @@
+//! Virtio devices: the device contract, the virtio-mmio transport, and the device models.
+
+pub mod device;
+pub mod mmio;
+
+#[cfg(test)]
+pub mod test_utils;
+
+pub use device::{ActivateError, Interrupt, VirtioDevice};
+pub use mmio::MmioTransport;

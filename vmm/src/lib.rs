@@ -1,0 +1,6 @@
+//! husk's virtual machine monitor: a KVM micro-VM with guest memory from vm-memory, vCPUs set up
+//! for Linux's 64-bit boot protocol, legacy PC devices (serial, i8042, boot timer) and
+//! virtio-mmio block, net and vsock devices served from an event-manager loop.
+
+pub mod devices;
+pub mod memory;
