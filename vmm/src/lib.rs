@@ -2,5 +2,11 @@
 //! for Linux's 64-bit boot protocol, legacy PC devices (serial, i8042, boot timer) and
 //! virtio-mmio block, net and vsock devices served from an event-manager loop.
 
+pub mod arch;
+pub mod boot;
+pub mod config;
 pub mod devices;
+pub mod kvm_vm;
 pub mod memory;
+pub mod micro_vm;
+pub mod vcpu;

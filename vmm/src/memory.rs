@@ -28,7 +28,9 @@ pub enum MemoryError {
 }
 
 /// Map `regions` (guest address, size in bytes) as guest memory.
-pub fn create_guest_memory(regions: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create_guest_memory(
+    regions: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, MemoryError> {
     let mapped = regions
         .iter()
         .map(|&(addr, size)| {
@@ -51,16 +53,23 @@ mod tests {
 
     #[test]
     fn maps_regions_lazily() {
-        let mem = create_guest_memory(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)]).unwrap();
+        let mem =
+            create_guest_memory(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)])
+                .unwrap();
         assert_eq!(mem.num_regions(), 2);
         mem.write_obj(7u32, GuestAddress((1 << 32) + 16)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress((1 << 32) + 16)).unwrap(), 7);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress((1 << 32) + 16)).unwrap(),
+            7
+        );
         assert!(mem.read_obj::<u32>(GuestAddress(2 << 20)).is_err());
     }
 
     #[test]
     fn overlapping_regions_are_an_error() {
-        let err = create_guest_memory(&[(GuestAddress(0), 2 << 20), (GuestAddress(1 << 20), 1 << 20)]).unwrap_err();
+        let err =
+            create_guest_memory(&[(GuestAddress(0), 2 << 20), (GuestAddress(1 << 20), 1 << 20)])
+                .unwrap_err();
         assert!(matches!(err, MemoryError::Layout(_)), "{err}");
     }
 

@@ -1,4 +1,5 @@
 //! Emulated devices: the I/O buses, the legacy PC devices and the virtio devices.
 
 pub mod bus;
+pub mod legacy;
 pub mod virtio;

@@ -54,7 +54,10 @@ pub struct Interrupt {
 impl Interrupt {
     /// An interrupt that fires `irq_evt` (registered as an irqfd for the device's GSI).
     pub fn new(irq_evt: EventFd) -> Self {
-        Interrupt { status: AtomicU32::new(0), irq_evt }
+        Interrupt {
+            status: AtomicU32::new(0),
+            irq_evt,
+        }
     }
 
     /// Tell the driver that a queue has new used buffers.
@@ -162,7 +165,9 @@ pub trait VirtioDevice: Send {
 /// by devices whose configuration space is a plain byte array.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(start) = usize::try_from(offset) else { return };
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
     if start >= config.len() {
         return;
     }

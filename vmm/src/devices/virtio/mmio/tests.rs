@@ -24,7 +24,9 @@ impl Dummy {
     fn new() -> Self {
         Dummy {
             queues: vec![Queue::new(16).unwrap(), Queue::new(16).unwrap()],
-            queue_evts: (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect(),
+            queue_evts: (0..2)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+                .collect(),
             interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
             acked: 0,
             config: [1, 2, 3, 4, 5, 6, 7, 8],
@@ -103,7 +105,11 @@ fn identifies_as_modern_virtio_mmio() {
     assert_eq!(read_reg(&mut t, 0x08), 42);
     assert_eq!(read_reg(&mut t, 0x34), 16, "QueueNumMax of queue 0");
     write_reg(&mut t, 0x30, 7);
-    assert_eq!(read_reg(&mut t, 0x34), 0, "a queue that does not exist reads as size 0");
+    assert_eq!(
+        read_reg(&mut t, 0x34),
+        0,
+        "a queue that does not exist reads as size 0"
+    );
     write_reg(&mut t, 0x14, 1);
     assert_eq!(read_reg(&mut t, 0x10), 1);
     write_reg(&mut t, 0x14, 0);
@@ -116,7 +122,10 @@ fn full_initialisation_activates_the_device() {
     let q0 = QueueDriver::new(&mem, 0x1000, 16);
     let q1 = QueueDriver::new(&mem, 0x4000, 16);
     let status = activate_through_mmio(&mut t, (1 << 32) | 0b111, &[&q0, &q1]);
-    assert_eq!(status, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    assert_eq!(
+        status,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK
+    );
     let d = dummy.lock().unwrap();
     assert_eq!(d.activations, 1);
     assert_eq!(d.acked, OFFERED, "the unoffered bit 1 is dropped");
@@ -132,7 +141,11 @@ fn out_of_order_status_is_refused() {
     write_reg(&mut t, 0x70, status::ACKNOWLEDGE);
     write_reg(&mut t, 0x70, status::ACKNOWLEDGE | status::FEATURES_OK);
     assert_eq!(read_reg(&mut t, 0x70), status::ACKNOWLEDGE);
-    write_reg(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+    write_reg(
+        &mut t,
+        0x70,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
     assert_eq!(read_reg(&mut t, 0x70), status::ACKNOWLEDGE);
     assert_eq!(dummy.lock().unwrap().activations, 0);
 }
@@ -161,7 +174,11 @@ fn invalid_queue_sets_needs_reset_instead_of_activating() {
     let status = read_reg(&mut t, 0x70);
     assert_ne!(status & status::DEVICE_NEEDS_RESET, 0);
     assert_eq!(dummy.lock().unwrap().activations, 0);
-    assert_ne!(read_reg(&mut t, 0x60) & 2, 0, "config-change interrupt raised");
+    assert_ne!(
+        read_reg(&mut t, 0x60) & 2,
+        0,
+        "config-change interrupt raised"
+    );
 }
 
 #[test]

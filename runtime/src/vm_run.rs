@@ -1,0 +1,91 @@
+//! `husk vm run`: boot one micro-VM from flags (and `HUSK_KERNEL` / `HUSK_INITRD`), with its
+//! console on stdio or in a file, and exit with 0 when the guest ends itself.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
+use vmm::micro_vm::{GuestExit, MicroVm};
+
+use crate::signals;
+use crate::terminal::RawTerminal;
+
+/// Flags of `husk vm run`.
+#[derive(Args, Debug)]
+pub struct VmRunArgs {
+    /// Guest kernel: an ELF vmlinux or a bzImage.
+    #[arg(long, env = "HUSK_KERNEL")]
+    kernel: PathBuf,
+    /// Initramfs to load.
+    #[arg(long, env = "HUSK_INITRD")]
+    initrd: Option<PathBuf>,
+    /// Appended to the command line husk builds (console, devices, reboot=k).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Where the serial console goes: `stdio` (output to stdout, stdin to the guest) or a file.
+    #[arg(long, default_value = "stdio")]
+    console: String,
+}
+
+impl VmRunArgs {
+    fn console(&self) -> ConsoleConfig {
+        match self.console.as_str() {
+            "stdio" => ConsoleConfig {
+                output: ConsoleOutput::Stdout,
+                read_stdin: true,
+            },
+            path => ConsoleConfig {
+                output: ConsoleOutput::File(PathBuf::from(path)),
+                read_stdin: false,
+            },
+        }
+    }
+
+    fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            extra_cmdline: self.cmdline.clone(),
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            console: self.console(),
+        }
+    }
+}
+
+/// Run the VM; returns the process exit code.
+pub fn run(args: VmRunArgs) -> i32 {
+    match boot_and_wait(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("husk: error: {e:#}");
+            1
+        }
+    }
+}
+
+fn boot_and_wait(args: &VmRunArgs) -> anyhow::Result<i32> {
+    let config = args.vm_config();
+    let vm = MicroVm::new(&config, 0, |_| Ok(())).context("cannot start the micro-VM")?;
+    let stop_evt = vm.stop_event().context("cannot create the stop event")?;
+    signals::forward_to(&stop_evt).context("cannot install signal handlers")?;
+    let _raw = if config.console.read_stdin {
+        RawTerminal::enable(std::io::stdin().as_fd())
+            .context("cannot put the terminal in raw mode")?
+    } else {
+        None
+    };
+    let outcome = vm.run().context("the micro-VM failed")?;
+    Ok(match outcome.exit {
+        GuestExit::Reset | GuestExit::PowerOff => 0,
+        GuestExit::Stopped => 128 + signals::received().unwrap_or(libc::SIGTERM),
+    })
+}

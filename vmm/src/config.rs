@@ -1,0 +1,83 @@
+//! What a micro-VM is made of, as the front ends (`husk vm run`, later the runtime) describe it,
+//! and its validation.
+
+use std::path::PathBuf;
+
+use crate::arch::layout::{FIRST_VIRTIO_IRQ, LAST_VIRTIO_IRQ, MAX_VCPUS};
+
+/// Smallest guest the VMM builds: room for a small kernel and initramfs.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Largest guest: far below what the host's address space and KVM's slots allow.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Nowhere.
+    Discard,
+}
+
+/// The serial console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// Where guest output goes.
+    pub output: ConsoleOutput,
+    /// Whether the VMM's standard input is fed to the guest.
+    pub read_stdin: bool,
+}
+
+/// A whole micro-VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image: ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Appended to the command line the VMM builds (console, devices, reboot method).
+    pub extra_cmdline: String,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The serial console.
+    pub console: ConsoleConfig,
+}
+
+/// A configuration the VMM refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Memory size out of range.
+    #[error("guest memory of {0} MiB is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB} MiB)")]
+    MemorySize(u64),
+    /// vCPU count out of range.
+    #[error("{0} vCPUs is out of range (1 to {MAX_VCPUS})")]
+    VcpuCount(u8),
+    /// More virtio devices than interrupt lines.
+    #[error("{0} virtio devices requested, at most {max} fit", max = LAST_VIRTIO_IRQ - FIRST_VIRTIO_IRQ + 1)]
+    TooManyDevices(usize),
+}
+
+impl VmConfig {
+    /// Check the sizes and counts before anything is built.
+    pub fn validate(&self, virtio_devices: usize) -> Result<(), ConfigError> {
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::MemorySize(self.mem_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount(self.vcpus));
+        }
+        if virtio_devices > (LAST_VIRTIO_IRQ - FIRST_VIRTIO_IRQ + 1) as usize {
+            return Err(ConfigError::TooManyDevices(virtio_devices));
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}

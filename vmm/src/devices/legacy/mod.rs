@@ -1,0 +1,12 @@
+//! Legacy PC devices on the port-I/O and MMIO buses: COM1 serial, the i8042 controller (only for
+//! its reset line) and the boot timer.
+
+pub mod boot_timer;
+pub mod i8042;
+pub mod serial;
+pub mod trigger;
+
+pub use boot_timer::BootTimer;
+pub use i8042::I8042;
+pub use serial::{SerialConsole, SerialInput};
+pub use trigger::EventFdTrigger;

@@ -1,0 +1,478 @@
+//! A micro-VM from configuration to end: [`MicroVm::new`] builds it (KVM VM, guest memory,
+//! devices, kernel, vCPUs) and [`MicroVm::run`] runs the vCPU threads and the device event loop
+//! until the guest resets or powers itself off, or crashes.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::*;
+use crate::arch::{mptable, regs};
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, ConsoleOutput, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::{BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::kvm_vm::{KvmError, KvmVm};
+use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::vcpu::{kick, Vcpu, VcpuError, VcpuStop};
+
+/// What the VMM puts on every kernel command line: the serial console, reset through the
+/// i8042 (which ends the VM), reboot at once on panic, no PCI bus to probe.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+
+/// How long to wait for vCPU threads to leave `KVM_RUN` once the VM stops.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The event loop's subscribers.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Why a micro-VM could not be built or did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM failed or is missing.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initramfs or boot parameters.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The boot structures could not be written.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// A device could not be placed on a bus.
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] BusError),
+    /// The kernel command line is too long or invalid.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
+    /// A device's backend failed to open.
+    #[error("{0}")]
+    Device(String),
+    /// The console file cannot be opened.
+    #[error("cannot open console output {path}: {source}")]
+    Console {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An event fd or the event loop failed.
+    #[error("VMM event loop: {0}")]
+    EventLoop(String),
+    /// The guest crashed (triple fault, crash event).
+    #[error("guest crashed: {0}")]
+    GuestCrash(String),
+    /// KVM could not keep running the guest.
+    #[error("vCPU {id} failed: {reason}")]
+    VcpuFailed { id: u8, reason: String },
+}
+
+fn eventfd() -> Result<EventFd, VmmError> {
+    EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| VmmError::EventLoop(format!("cannot create an eventfd: {e}")))
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest reset the machine (Linux's `reboot`, through the i8042).
+    Reset,
+    /// The guest powered off through KVM.
+    PowerOff,
+    /// The host stopped it through its [`MicroVm::stop_event`].
+    Stopped,
+}
+
+/// The result of a VM that ended cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmOutcome {
+    /// How it ended.
+    pub exit: GuestExit,
+    /// When the guest wrote the boot timer, counted from the start of [`MicroVm::new`].
+    pub boot_time: Option<Duration>,
+}
+
+/// A built micro-VM, ready to run.
+pub struct MicroVm {
+    /// Held only to keep the VM alive until the vCPUs are joined; declared before `_mem` so
+    /// that the VM, which maps guest memory, is dropped first.
+    _vm: KvmVm,
+    vcpus: Vec<Vcpu>,
+    event_manager: EventManager<Subscriber>,
+    exit_monitor: Arc<Mutex<ExitMonitor>>,
+    vcpu_stops: mpsc::Sender<(u8, VcpuStop)>,
+    vcpu_stop_evt: EventFd,
+    host_stop_evt: EventFd,
+    stop: Arc<AtomicBool>,
+    boot_time: Arc<Mutex<Option<Duration>>>,
+    /// Held only to keep guest memory mapped while the vCPUs run.
+    _mem: GuestMemoryMmap,
+}
+
+/// Everything a device needs while the VM is being built.
+pub struct VmBuilder {
+    vm: KvmVm,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    event_manager: EventManager<Subscriber>,
+    cmdline: Cmdline,
+    virtio_devices: u32,
+}
+
+impl VmBuilder {
+    /// Put a virtio device on the next virtio-mmio window and interrupt line: its irqfd, its
+    /// queues' ioeventfds, its transport on the MMIO bus, its event handler in the loop, and
+    /// its declaration on the kernel command line. `make` builds the device around its
+    /// interrupt.
+    pub fn attach_virtio<D>(
+        &mut self,
+        make: impl FnOnce(Arc<Interrupt>) -> Result<D, VmmError>,
+    ) -> Result<(), VmmError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let irq = FIRST_VIRTIO_IRQ + self.virtio_devices;
+        if irq > LAST_VIRTIO_IRQ {
+            return Err(ConfigError::TooManyDevices(self.virtio_devices as usize + 1).into());
+        }
+        let base = VIRTIO_MMIO_START + u64::from(self.virtio_devices) * MMIO_WINDOW_SIZE;
+        let irq_evt = eventfd()?;
+        self.vm.register_irqfd(&irq_evt, irq)?;
+        let device = Arc::new(Mutex::new(make(Arc::new(Interrupt::new(irq_evt)))?));
+        {
+            let locked = device.lock().unwrap_or_else(|e| e.into_inner());
+            for (index, evt) in locked.queue_events().iter().enumerate() {
+                self.vm
+                    .register_mmio_ioevent(evt, base + NOTIFY_REG_OFFSET, index as u32)?;
+            }
+        }
+        let transport = MmioTransport::new(self.mem.clone(), device.clone());
+        self.mmio
+            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.event_manager.add_subscriber(device);
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)?;
+        self.virtio_devices += 1;
+        Ok(())
+    }
+}
+
+impl MicroVm {
+    /// Build the VM described by `config`; `attach_devices` adds the virtio devices through
+    /// [`VmBuilder::attach_virtio`]. Nothing runs yet.
+    pub fn new(
+        config: &VmConfig,
+        virtio_devices: usize,
+        attach_devices: impl FnOnce(&mut VmBuilder) -> Result<(), VmmError>,
+    ) -> Result<Self, VmmError> {
+        let start = Instant::now();
+        config.validate(virtio_devices)?;
+        let vm = KvmVm::new()?;
+        vm.check_vcpu_count(config.vcpus)?;
+        let mem = create_guest_memory(&memory_regions(config.mem_bytes()))?;
+        vm.register_memory(&mem)?;
+
+        let event_manager = EventManager::new()
+            .map_err(|e| VmmError::EventLoop(format!("cannot create the event loop: {e:?}")))?;
+        let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)?;
+        cmdline.insert_str(BASE_CMDLINE)?;
+        let mut builder = VmBuilder {
+            vm,
+            mem,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            event_manager,
+            cmdline,
+            virtio_devices: 0,
+        };
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let reset_evt = eventfd()?;
+        let boot_time = attach_legacy_devices(&mut builder, config, start, &stop, &reset_evt)?;
+        attach_devices(&mut builder)?;
+        if !config.extra_cmdline.trim().is_empty() {
+            builder.cmdline.insert_str(config.extra_cmdline.trim())?;
+        }
+
+        let VmBuilder {
+            vm,
+            mem,
+            pio,
+            mmio,
+            mut event_manager,
+            cmdline,
+            ..
+        } = builder;
+        let entry = load_guest(&mem, config, &cmdline)?;
+
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+        let vcpus = (0..config.vcpus)
+            .map(|id| {
+                let vcpu = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
+                vcpu.configure(&vm, entry, config.vcpus)?;
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
+
+        let (vcpu_stops, stops_rx) = mpsc::channel();
+        let vcpu_stop_evt = eventfd()?;
+        let host_stop_evt = eventfd()?;
+        let clone = |evt: &EventFd| {
+            evt.try_clone()
+                .map_err(|e| VmmError::EventLoop(e.to_string()))
+        };
+        let exit_monitor = Arc::new(Mutex::new(ExitMonitor {
+            reset_evt,
+            vcpu_stop_evt: clone(&vcpu_stop_evt)?,
+            host_stop_evt: clone(&host_stop_evt)?,
+            vcpu_stops: stops_rx,
+            outcome: None,
+        }));
+        event_manager.add_subscriber(exit_monitor.clone());
+        Ok(MicroVm {
+            _vm: vm,
+            vcpus,
+            event_manager,
+            exit_monitor,
+            vcpu_stops,
+            vcpu_stop_evt,
+            host_stop_evt,
+            stop,
+            boot_time,
+            _mem: mem,
+        })
+    }
+
+    /// An event that stops the VM when written (a write is async-signal-safe, so a signal
+    /// handler may do it); [`MicroVm::run`] then returns [`GuestExit::Stopped`].
+    pub fn stop_event(&self) -> std::io::Result<EventFd> {
+        self.host_stop_evt.try_clone()
+    }
+
+    /// Run until the guest ends; returns how it ended, or why it did not end cleanly.
+    pub fn run(mut self) -> Result<VmOutcome, VmmError> {
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut start_error = None;
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let stops = self.vcpu_stops.clone();
+            let evt = self
+                .vcpu_stop_evt
+                .try_clone()
+                .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+            match vcpu.start(self.stop.clone(), move |id, end| {
+                let _ = stops.send((id, end));
+                let _ = evt.write(1);
+            }) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    start_error = Some(e.into());
+                    break;
+                }
+            }
+        }
+        let result = match start_error {
+            Some(e) => Err(e),
+            None => self.run_event_loop(),
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        stop_vcpu_threads(threads);
+        let boot_time = *self.boot_time.lock().unwrap_or_else(|e| e.into_inner());
+        result.map(|exit| VmOutcome { exit, boot_time })
+    }
+
+    fn run_event_loop(&mut self) -> Result<GuestExit, VmmError> {
+        loop {
+            self.event_manager
+                .run()
+                .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+            if let Some(outcome) = self
+                .exit_monitor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .outcome
+                .take()
+            {
+                return outcome;
+            }
+        }
+    }
+}
+
+/// Serial console on COM1, i8042 for the reset line, boot timer; returns the boot time cell.
+fn attach_legacy_devices(
+    builder: &mut VmBuilder,
+    config: &VmConfig,
+    start: Instant,
+    stop: &Arc<AtomicBool>,
+    reset_evt: &EventFd,
+) -> Result<Arc<Mutex<Option<Duration>>>, VmmError> {
+    let serial_irq = eventfd()?;
+    builder.vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let fifo_drained = eventfd()?;
+    let out = console_output(&config.console.output)?;
+    let clone_err = |e: std::io::Error| VmmError::EventLoop(e.to_string());
+    let console = Arc::new(Mutex::new(SerialConsole::new(
+        EventFdTrigger::new(serial_irq),
+        fifo_drained.try_clone().map_err(clone_err)?,
+        out,
+    )));
+    builder.pio.insert(0x3f8, 8, console.clone())?;
+    if config.console.read_stdin {
+        let stdin = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(clone_err)?;
+        let input = SerialInput::new(console, File::from(stdin), fifo_drained);
+        builder
+            .event_manager
+            .add_subscriber(Arc::new(Mutex::new(input)));
+    }
+
+    let i8042 = I8042::new(stop.clone(), reset_evt.try_clone().map_err(clone_err)?);
+    builder.pio.insert(0x60, 5, Arc::new(Mutex::new(i8042)))?;
+
+    let timer = BootTimer::new(start);
+    let boot_time = timer.boot_time();
+    builder.mmio.insert(
+        BOOT_TIMER_START,
+        BOOT_TIMER_SIZE,
+        Arc::new(Mutex::new(timer)),
+    )?;
+    Ok(boot_time)
+}
+
+fn console_output(output: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match output {
+        ConsoleOutput::Stdout => {
+            // An unbuffered duplicate of stdout, so guest output appears as it is written.
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| VmmError::EventLoop(format!("cannot duplicate stdout: {e}")))?;
+            Box::new(File::from(fd))
+        }
+        ConsoleOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| VmmError::Console {
+                path: path.clone(),
+                source,
+            })?)
+        }
+        ConsoleOutput::Discard => Box::new(std::io::sink()),
+    })
+}
+
+/// Kernel, initramfs, command line, zero page, MP table, GDT and page tables; returns the
+/// kernel's entry point.
+fn load_guest(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    cmdline: &Cmdline,
+) -> Result<GuestAddress, VmmError> {
+    let kernel = boot::load_kernel(mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(boot::load_initrd(
+            mem,
+            config.mem_bytes(),
+            kernel.end,
+            path,
+        )?),
+        None => None,
+    };
+    let cmdline_len = boot::write_cmdline(mem, cmdline)?;
+    boot::write_zero_page(mem, config.mem_bytes(), &kernel, cmdline_len, initrd)?;
+    mptable::setup_mptable(mem, config.vcpus)?;
+    regs::write_boot_structures(mem)?;
+    Ok(kernel.entry)
+}
+
+/// Kick every vCPU thread out of `KVM_RUN` until it ends, then join it.
+fn stop_vcpu_threads(threads: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    for thread in threads {
+        while !thread.is_finished() && Instant::now() < deadline {
+            kick(&thread);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            log::error!("a vCPU thread did not stop; leaving it behind");
+        }
+    }
+}
+
+/// Decides how the VM ended, from the i8042 reset line and the vCPUs' ends.
+struct ExitMonitor {
+    reset_evt: EventFd,
+    vcpu_stop_evt: EventFd,
+    host_stop_evt: EventFd,
+    vcpu_stops: mpsc::Receiver<(u8, VcpuStop)>,
+    outcome: Option<Result<GuestExit, VmmError>>,
+}
+
+impl ExitMonitor {
+    fn conclude(&mut self, outcome: Result<GuestExit, VmmError>) {
+        // The first end wins: a guest that reset cleanly and then faulted while being stopped
+        // still reset cleanly.
+        if self.outcome.is_none() {
+            self.outcome = Some(outcome);
+        }
+    }
+}
+
+impl MutEventSubscriber for ExitMonitor {
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in [&self.reset_evt, &self.vcpu_stop_evt, &self.host_stop_evt] {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                log::error!("cannot watch VM exit events: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        use std::os::fd::AsRawFd;
+        if events.fd() == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.conclude(Ok(GuestExit::Reset));
+            return;
+        }
+        if events.fd() == self.host_stop_evt.as_raw_fd() {
+            let _ = self.host_stop_evt.read();
+            self.conclude(Ok(GuestExit::Stopped));
+            return;
+        }
+        let _ = self.vcpu_stop_evt.read();
+        while let Ok((id, end)) = self.vcpu_stops.try_recv() {
+            match end {
+                // Only raised after the reset line or by the VMM itself.
+                VcpuStop::Stopped => {}
+                VcpuStop::GuestPowerOff => self.conclude(Ok(GuestExit::PowerOff)),
+                VcpuStop::GuestCrash(reason) => self.conclude(Err(VmmError::GuestCrash(reason))),
+                VcpuStop::Error(reason) => self.conclude(Err(VmmError::VcpuFailed { id, reason })),
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! The VMM's KVM plumbing on a real /dev/kvm, with tiny guests the tests assemble: long-mode
+//! entry as the VMM sets it up, the zero page and command line it writes, serial output, the
+//! boot timer, MMIO exits, ioeventfd and irqfd, and the i8042 reset and triple fault as ends.
+//! These run on any KVM, including a PVM host that cannot run Linux.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use husk_tests::tiny_guest::{elf_image, Asm, TempDir, COM1, LOAD_ADDR};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::arch::layout::{BOOT_TIMER_START, ZERO_PAGE_START};
+use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
+use vmm::micro_vm::{GuestExit, MicroVm, VmmError};
+
+fn require_kvm() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (any KVM, nested or PVM, will do)"
+    );
+}
+
+fn config(dir: &TempDir, code: &[u8]) -> VmConfig {
+    VmConfig {
+        kernel: dir.write("tiny.elf", &elf_image(code)),
+        initrd: None,
+        extra_cmdline: "husk.test=tiny".into(),
+        mem_mib: 32,
+        vcpus: 1,
+        console: ConsoleConfig {
+            output: ConsoleOutput::File(dir.path().join("console")),
+            read_stdin: false,
+        },
+    }
+}
+
+fn run(config: &VmConfig) -> Result<vmm::micro_vm::VmOutcome, VmmError> {
+    MicroVm::new(config, 0, |_| Ok(()))?.run()
+}
+
+fn console(dir: &TempDir) -> String {
+    String::from_utf8_lossy(&std::fs::read(dir.path().join("console")).unwrap()).into_owned()
+}
+
+/// Checks long mode (EFER.LMA, CR0.PE|PG) and rsi = zero page, prints the kernel command line
+/// found through the zero page, writes the boot timer and resets.
+fn boot_checks_program() -> Vec<u8> {
+    let mut a = Asm::new();
+    a.mov_ecx(0xc000_0080)
+        .rdmsr()
+        .and_eax(1 << 10)
+        .cmp_eax(1 << 10);
+    let not_long_mode = a.jnz();
+    a.mov_rax_cr0().and_eax(0x8000_0001).cmp_eax(0x8000_0001);
+    let no_paging = a.jnz();
+    a.cmp_rsi(ZERO_PAGE_START as u32);
+    let no_zero_page = a.jnz();
+    // rdmsr wrote edx: select the serial port only now.
+    a.mov_dx(COM1).print(b"LONG MODE OK\ncmdline: ");
+    // The command line pointer is at offset 0x228 of boot_params.
+    a.mov_ebx_rsi_disp(0x228);
+    let top = a.here();
+    a.mov_al_at_rbx().test_al();
+    let end_of_string = a.jz();
+    a.out_dx_al().inc_rbx().jmp_back(top);
+    a.bind(end_of_string);
+    a.print(b"\n");
+    a.mov_rbx(BOOT_TIMER_START).mov_at_rbx_byte(123);
+    a.i8042_reset();
+    a.bind(not_long_mode).bind(no_paging).bind(no_zero_page);
+    a.mov_dx(COM1).print(b"BAD ENTRY STATE\n").i8042_reset();
+    a.code().to_vec()
+}
+
+#[test]
+fn boots_in_long_mode_prints_and_resets() {
+    require_kvm();
+    let dir = TempDir::new("long-mode");
+    let outcome = run(&config(&dir, &boot_checks_program())).expect("tiny guest runs");
+    assert_eq!(outcome.exit, GuestExit::Reset);
+    let out = console(&dir);
+    assert!(out.contains("LONG MODE OK\n"), "console: {out:?}");
+    let cmdline = out
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdline: "))
+        .expect("cmdline printed");
+    assert!(cmdline.starts_with("console=ttyS0 reboot=k"), "{cmdline}");
+    assert!(
+        cmdline.ends_with("husk.test=tiny"),
+        "the extra command line is appended: {cmdline}"
+    );
+    assert!(
+        outcome.boot_time.is_some(),
+        "the boot timer write was recorded"
+    );
+}
+
+#[test]
+fn boot_timer_stays_empty_without_the_write() {
+    require_kvm();
+    let dir = TempDir::new("no-boot-timer");
+    let mut a = Asm::new();
+    a.i8042_reset();
+    let outcome = run(&config(&dir, a.code())).expect("tiny guest runs");
+    assert_eq!(outcome.exit, GuestExit::Reset);
+    assert_eq!(outcome.boot_time, None);
+}
+
+#[test]
+fn triple_fault_is_a_guest_crash() {
+    require_kvm();
+    let dir = TempDir::new("triple-fault");
+    let mut a = Asm::new();
+    // ud2 rather than int3: this machine's PVM cannot emulate int3.
+    a.lidt_empty().ud2().halt_forever();
+    let err = run(&config(&dir, a.code())).expect_err("a triple fault is not a clean end");
+    assert!(matches!(err, VmmError::GuestCrash(_)), "{err}");
+}
+
+#[test]
+fn two_vcpus_boot_and_reset() {
+    require_kvm();
+    let dir = TempDir::new("two-vcpus");
+    let mut a = Asm::new();
+    a.mov_dx(COM1).print(b"BSP\n").i8042_reset();
+    let mut cfg = config(&dir, a.code());
+    cfg.vcpus = 2;
+    let outcome = run(&cfg).expect("two-vCPU tiny guest runs");
+    assert_eq!(outcome.exit, GuestExit::Reset);
+    assert_eq!(console(&dir), "BSP\n");
+}
+
+#[test]
+fn stop_event_ends_a_running_guest() {
+    require_kvm();
+    let dir = TempDir::new("stop-event");
+    let mut a = Asm::new();
+    let top = a.here();
+    a.jmp_back(top);
+    let vm = MicroVm::new(&config(&dir, a.code()), 0, |_| Ok(())).unwrap();
+    let stop = vm.stop_event().unwrap();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        stop.write(1).unwrap();
+    });
+    let outcome = vm.run().expect("a stopped VM is a clean end");
+    stopper.join().unwrap();
+    assert_eq!(outcome.exit, GuestExit::Stopped);
+}
+
+/// A KVM VM assembled from the VMM's parts, with `code` loaded at the entry point.
+fn bare_vm(code: &[u8]) -> (vmm::kvm_vm::KvmVm, vmm::memory::GuestMemoryMmap) {
+    require_kvm();
+    let vm = vmm::kvm_vm::KvmVm::new().expect("KVM VM");
+    let mem = vmm::memory::create_guest_memory(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    vm.register_memory(&mem).unwrap();
+    vmm::arch::regs::write_boot_structures(&mem).unwrap();
+    mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
+    (vm, mem)
+}
+
+/// Run vCPU 0 of `vm` until the guest pulses the i8042 reset line.
+fn run_until_reset(vm: &vmm::kvm_vm::KvmVm, mmio: vmm::devices::bus::Bus) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reset_evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut pio = vmm::devices::bus::Bus::new();
+    pio.insert(
+        0x60,
+        5,
+        Arc::new(Mutex::new(vmm::devices::legacy::I8042::new(
+            stop.clone(),
+            reset_evt,
+        ))),
+    )
+    .unwrap();
+    let mut vcpu = vmm::vcpu::Vcpu::new(vm, 0, Arc::new(pio), Arc::new(mmio)).unwrap();
+    vcpu.configure(vm, GuestAddress(LOAD_ADDR), 1).unwrap();
+    assert_eq!(vcpu.run(&stop), vmm::vcpu::VcpuStop::Stopped);
+}
+
+#[derive(Default)]
+struct MmioLog(Vec<(u64, Vec<u8>)>);
+
+impl vmm::devices::bus::BusDevice for MmioLog {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.copy_from_slice(&0x7472_6976u32.to_le_bytes()[..data.len()]);
+        self.0.push((offset, vec![]));
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.push((offset, data.to_vec()));
+    }
+}
+
+#[test]
+fn mmio_exits_reach_the_bus_and_ioeventfd_short_circuits_them() {
+    const DEV: u64 = 0xd000_1000;
+    let mut a = Asm::new();
+    a.mov_rbx(DEV).mov_eax_at_rbx(0); // read: an exit to the bus
+    a.mov_at_rbx_dword(0x50, 0); // matches the ioeventfd: no exit
+    a.mov_at_rbx_dword(0x50, 1); // does not match: an exit to the bus
+    a.mov_dx(COM1).out_dx_al().i8042_reset();
+    let (vm, _mem) = bare_vm(a.code());
+    let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_mmio_ioevent(&notify, DEV + 0x50, 0).unwrap();
+
+    let log = Arc::new(Mutex::new(MmioLog::default()));
+    let mut mmio = vmm::devices::bus::Bus::new();
+    mmio.insert(DEV, 0x1000, log.clone()).unwrap();
+    run_until_reset(&vm, mmio);
+
+    assert_eq!(
+        notify.read().unwrap(),
+        1,
+        "the matching write signalled the ioeventfd"
+    );
+    assert_eq!(
+        log.lock().unwrap().0,
+        vec![(0, vec![]), (0x50, 1u32.to_le_bytes().to_vec())]
+    );
+}
+
+#[test]
+fn irqfd_raises_the_interrupt_line() {
+    let mut a = Asm::new();
+    a.i8042_reset();
+    let (vm, _mem) = bare_vm(a.code());
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_irqfd(&irq, 4).unwrap();
+    irq.write(1).unwrap();
+
+    // KVM may inject from a workqueue: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let irr = loop {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+            ..Default::default()
+        };
+        vm.fd().get_irqchip(&mut chip).unwrap();
+        // SAFETY: chip_id selects the PIC member of the union, which KVM filled in.
+        let irr = unsafe { chip.chip.pic.irr };
+        if irr & (1 << 4) != 0 || std::time::Instant::now() > deadline {
+            break irr;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert_ne!(irr & (1 << 4), 0, "IRQ 4 is pending in the PIC: {irr:#x}");
+}
