@@ -15,6 +15,8 @@ mod device;
 mod disk;
 mod event_handler;
 mod request;
+#[cfg(test)]
+mod tests;
 
 pub use device::{Block, BlockConfig, BlockError};
 
