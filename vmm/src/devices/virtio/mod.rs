@@ -1,5 +1,6 @@
 //! Virtio devices: the device contract, the virtio-mmio transport, and the device models.
 
+pub mod block;
 pub mod device;
 pub mod mmio;
 
