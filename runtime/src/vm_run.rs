@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
+use vmm::devices::virtio::block::BlockConfig;
 use vmm::micro_vm::{GuestExit, MicroVm};
 
 use crate::signals;
@@ -33,6 +34,35 @@ pub struct VmRunArgs {
     /// Where the serial console goes: `stdio` (output to stdout, stdin to the guest) or a file.
     #[arg(long, default_value = "stdio")]
     console: String,
+    /// A raw disk image as the next virtio-blk disk (/dev/vda, /dev/vdb, ...): PATH[,ro][,id=ID].
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=ID]", value_parser = parse_disk)]
+    disks: Vec<BlockConfig>,
+}
+
+/// `PATH[,ro][,id=ID]`; the path is everything before the first comma.
+fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("the disk needs a path")?;
+    let mut disk = BlockConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "ro" => disk.read_only = true,
+            Some(("id", id)) => disk.id = Some(id.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unknown disk option {option:?} (expected ro or id=ID)"
+                ))
+            }
+        }
+    }
+    Ok(disk)
 }
 
 impl VmRunArgs {
@@ -57,6 +87,7 @@ impl VmRunArgs {
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
             console: self.console(),
+            disks: self.disks.clone(),
         }
     }
 }
@@ -74,7 +105,7 @@ pub fn run(args: VmRunArgs) -> i32 {
 
 fn boot_and_wait(args: &VmRunArgs) -> anyhow::Result<i32> {
     let config = args.vm_config();
-    let vm = MicroVm::new(&config, 0, |_| Ok(())).context("cannot start the micro-VM")?;
+    let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
     let stop_evt = vm.stop_event().context("cannot create the stop event")?;
     signals::forward_to(&stop_evt).context("cannot install signal handlers")?;
     let _raw = if config.console.read_stdin {
@@ -88,4 +119,24 @@ fn boot_and_wait(args: &VmRunArgs) -> anyhow::Result<i32> {
         GuestExit::Reset | GuestExit::PowerOff => 0,
         GuestExit::Stopped => 128 + signals::received().unwrap_or(libc::SIGTERM),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("/a/b.img").unwrap();
+        assert_eq!(
+            (d.path, d.read_only, d.id),
+            (PathBuf::from("/a/b.img"), false, None)
+        );
+        let d = parse_disk("x.img,ro,id=root").unwrap();
+        assert_eq!((d.read_only, d.id.as_deref()), (true, Some("root")));
+        assert!(parse_disk("").is_err());
+        assert!(parse_disk("x.img,rw")
+            .unwrap_err()
+            .contains("unknown disk option"));
+    }
 }

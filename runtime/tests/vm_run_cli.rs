@@ -254,3 +254,39 @@ fn no_permission_on_dev_kvm_is_a_clear_error() {
         .arg(&kernel));
     assert_fails_with(&out, "permission denied opening /dev/kvm");
 }
+
+#[test]
+fn bad_disks_are_clear_errors() {
+    let dir = TempDir::new("cli-disk");
+    let kernel = dir.write("k.elf", &hello_and_reset());
+    let out = run(husk()
+        .args([
+            "vm",
+            "run",
+            "--mem-mib",
+            "32",
+            "--disk",
+            "/nonexistent/disk.img",
+            "--kernel",
+        ])
+        .arg(&kernel));
+    assert_fails_with(&out, "/nonexistent/disk.img");
+    let out = run(husk()
+        .args(["vm", "run", "--mem-mib", "32", "--disk"])
+        .arg(dir.path())
+        .arg("--kernel")
+        .arg(&kernel));
+    assert_fails_with(&out, "is neither a regular file nor a block device");
+    let out = run(husk()
+        .args([
+            "vm",
+            "run",
+            "--mem-mib",
+            "32",
+            "--disk",
+            "x.img,fast",
+            "--kernel",
+        ])
+        .arg(&kernel));
+    assert_fails_with(&out, "unknown disk option");
+}

@@ -1,4 +1,7 @@
 //! Test support shared by husk's crates: tiny x86-64 test guests packaged as ELF "kernels"
-//! that go through the VMM's real boot path.
+//! that go through the VMM's real boot path, and Linux guests for the end-to-end suites in the
+//! nested KVM test host.
 
+pub mod cpio;
+pub mod guest;
 pub mod tiny_guest;

@@ -90,6 +90,11 @@ impl Asm {
         self.emit(&[0x25]).emit(&v.to_le_bytes())
     }
 
+    /// `add al, v`
+    pub fn add_al(&mut self, v: u8) -> &mut Self {
+        self.emit(&[0x04, v])
+    }
+
     /// `cmp eax, v`
     pub fn cmp_eax(&mut self, v: u32) -> &mut Self {
         self.emit(&[0x3d]).emit(&v.to_le_bytes())

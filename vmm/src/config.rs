@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::arch::layout::{FIRST_VIRTIO_IRQ, LAST_VIRTIO_IRQ, MAX_VCPUS};
+use crate::devices::virtio::block::BlockConfig;
 
 /// Smallest guest the VMM builds: room for a small kernel and initramfs.
 pub const MIN_MEM_MIB: u64 = 16;
@@ -45,6 +46,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// The serial console.
     pub console: ConsoleConfig,
+    /// Block devices, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<BlockConfig>,
 }
 
 /// A configuration the VMM refuses.
@@ -62,8 +65,14 @@ pub enum ConfigError {
 }
 
 impl VmConfig {
+    /// How many virtio devices the VM gets.
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len()
+    }
+
     /// Check the sizes and counts before anything is built.
-    pub fn validate(&self, virtio_devices: usize) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let virtio_devices = self.virtio_device_count();
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(ConfigError::MemorySize(self.mem_mib));
         }

@@ -22,6 +22,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042};
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::kvm_vm::{KvmError, KvmVm};
@@ -68,9 +69,9 @@ pub enum VmmError {
     /// The kernel command line is too long or invalid.
     #[error("invalid kernel command line: {0}")]
     Cmdline(#[from] linux_loader::cmdline::Error),
-    /// A device's backend failed to open.
-    #[error("{0}")]
-    Device(String),
+    /// A disk could not be attached.
+    #[error(transparent)]
+    Block(#[from] BlockError),
     /// The console file cannot be opened.
     #[error("cannot open console output {path}: {source}")]
     Console {
@@ -132,7 +133,7 @@ pub struct MicroVm {
 }
 
 /// Everything a device needs while the VM is being built.
-pub struct VmBuilder {
+pub(crate) struct VmBuilder {
     vm: KvmVm,
     mem: GuestMemoryMmap,
     pio: Bus,
@@ -147,7 +148,7 @@ impl VmBuilder {
     /// queues' ioeventfds, its transport on the MMIO bus, its event handler in the loop, and
     /// its declaration on the kernel command line. `make` builds the device around its
     /// interrupt.
-    pub fn attach_virtio<D>(
+    fn attach_virtio<D>(
         &mut self,
         make: impl FnOnce(Arc<Interrupt>) -> Result<D, VmmError>,
     ) -> Result<(), VmmError>
@@ -181,15 +182,10 @@ impl VmBuilder {
 }
 
 impl MicroVm {
-    /// Build the VM described by `config`; `attach_devices` adds the virtio devices through
-    /// [`VmBuilder::attach_virtio`]. Nothing runs yet.
-    pub fn new(
-        config: &VmConfig,
-        virtio_devices: usize,
-        attach_devices: impl FnOnce(&mut VmBuilder) -> Result<(), VmmError>,
-    ) -> Result<Self, VmmError> {
+    /// Build the VM described by `config`. Nothing runs yet.
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
         let start = Instant::now();
-        config.validate(virtio_devices)?;
+        config.validate()?;
         let vm = KvmVm::new()?;
         vm.check_vcpu_count(config.vcpus)?;
         let mem = create_guest_memory(&memory_regions(config.mem_bytes()))?;
@@ -212,7 +208,7 @@ impl MicroVm {
         let stop = Arc::new(AtomicBool::new(false));
         let reset_evt = eventfd()?;
         let boot_time = attach_legacy_devices(&mut builder, config, start, &stop, &reset_evt)?;
-        attach_devices(&mut builder)?;
+        attach_virtio_devices(&mut builder, config)?;
         if !config.extra_cmdline.trim().is_empty() {
             builder.cmdline.insert_str(config.extra_cmdline.trim())?;
         }
@@ -319,6 +315,14 @@ impl MicroVm {
             }
         }
     }
+}
+
+/// The configured virtio devices, in a fixed order: disks first.
+fn attach_virtio_devices(builder: &mut VmBuilder, config: &VmConfig) -> Result<(), VmmError> {
+    for disk in &config.disks {
+        builder.attach_virtio(|interrupt| Ok(Block::new(disk.clone(), interrupt)?))?;
+    }
+    Ok(())
 }
 
 /// Serial console on COM1, i8042 for the reset line, boot timer; returns the boot time cell.

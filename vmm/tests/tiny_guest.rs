@@ -30,11 +30,12 @@ fn config(dir: &TempDir, code: &[u8]) -> VmConfig {
             output: ConsoleOutput::File(dir.path().join("console")),
             read_stdin: false,
         },
+        disks: vec![],
     }
 }
 
 fn run(config: &VmConfig) -> Result<vmm::micro_vm::VmOutcome, VmmError> {
-    MicroVm::new(config, 0, |_| Ok(()))?.run()
+    MicroVm::new(config)?.run()
 }
 
 fn console(dir: &TempDir) -> String {
@@ -136,7 +137,7 @@ fn stop_event_ends_a_running_guest() {
     let mut a = Asm::new();
     let top = a.here();
     a.jmp_back(top);
-    let vm = MicroVm::new(&config(&dir, a.code()), 0, |_| Ok(())).unwrap();
+    let vm = MicroVm::new(&config(&dir, a.code())).unwrap();
     let stop = vm.stop_event().unwrap();
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -145,6 +146,42 @@ fn stop_event_ends_a_running_guest() {
     let outcome = vm.run().expect("a stopped VM is a clean end");
     stopper.join().unwrap();
     assert_eq!(outcome.exit, GuestExit::Stopped);
+}
+
+#[test]
+fn guest_reads_the_virtio_mmio_registers_of_a_disk() {
+    require_kvm();
+    let dir = TempDir::new("virtio-mmio");
+    let disk = dir.write("disk.img", &vec![0u8; 1 << 20]);
+    let mut a = Asm::new();
+    a.mov_dx(COM1).mov_rbx(vmm::arch::layout::VIRTIO_MMIO_START);
+    // Magic value ("virt"), one byte at a time, then the version and device id as digits.
+    a.mov_eax_at_rbx(0);
+    for _ in 0..4 {
+        a.out_dx_al().shr_eax(8);
+    }
+    a.mov_eax_at_rbx(0x04)
+        .and_eax(0xff)
+        .add_al(b'0')
+        .out_dx_al();
+    a.mov_eax_at_rbx(0x08)
+        .and_eax(0xff)
+        .add_al(b'0')
+        .out_dx_al();
+    a.i8042_reset();
+    let mut cfg = config(&dir, a.code());
+    cfg.disks = vec![vmm::devices::virtio::block::BlockConfig {
+        path: disk,
+        read_only: true,
+        id: None,
+    }];
+    let outcome = run(&cfg).expect("tiny guest runs");
+    assert_eq!(outcome.exit, GuestExit::Reset);
+    assert_eq!(
+        console(&dir),
+        "virt22",
+        "magic, version 2, device id 2 (block)"
+    );
 }
 
 /// A KVM VM assembled from the VMM's parts, with `code` loaded at the entry point.
