@@ -1,0 +1,72 @@
+# husk: build, run and test.
+#   make run     boot the guest kernel with the test initramfs in a husk micro-VM
+#   make test    unit tests, KVM plumbing tests, then the end-to-end suites (nested test host)
+#   make bench   benchmarks (results: docs/benchmarks.md)
+
+CARGO ?= cargo
+BUILD := build
+# The guest kernel: the prebuilt one next to the repository unless given.
+KERNEL ?= $(abspath ../shared/guest-kernel/vmlinux)
+TEST_INITRAMFS := $(BUILD)/test-initramfs.cpio.gz
+HUSK := target/release/husk
+NESTED := $(CURDIR)/tests/nested/run
+# Guests inside the nested test host run at emulation speed: skip PIT calibration.
+NESTED_CMDLINE := quiet lpj=5000000 tsc_early_khz=2600000 no_timer_check
+# Whether this machine's /dev/kvm is hardware KVM (VMX or SVM), else use the nested test host.
+HAVE_HW_KVM := $(shell grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ] && echo yes)
+
+.PHONY: all build husk test-initramfs check-kernel run test test-unit test-e2e kernel bench clean
+
+all: build
+
+build: husk test-initramfs
+
+husk:
+	$(CARGO) build --release -p husk
+
+test-initramfs: $(TEST_INITRAMFS)
+
+$(TEST_INITRAMFS): guest-image/build-test-initramfs.sh guest-image/test-initramfs/init
+	guest-image/build-test-initramfs.sh $@
+
+check-kernel:
+	@test -f "$(KERNEL)" || { echo "guest kernel $(KERNEL) is missing (set KERNEL=...)" >&2; exit 1; }
+
+# Boot the guest and print what it prints. Without hardware KVM here, boot it inside the
+# nested test host (QEMU with emulated SVM).
+run: build check-kernel
+ifeq ($(HAVE_HW_KVM),yes)
+	$(HUSK) vm run --kernel $(KERNEL) --initrd $(TEST_INITRAMFS) --vcpus 2 --mem-mib 256 </dev/null
+else
+	@echo "make run: no hardware KVM on this machine; booting inside the nested test host" >&2
+	$(NESTED) -- $(CURDIR)/$(HUSK) vm run --kernel $(KERNEL) --initrd $(CURDIR)/$(TEST_INITRAMFS) \
+		--vcpus 2 --mem-mib 256 --cmdline "$(NESTED_CMDLINE)" </dev/null
+endif
+
+test: test-unit test-e2e
+
+# Device models with no guest, the KVM plumbing with tiny guests (any /dev/kvm), the CLI.
+test-unit:
+	$(CARGO) test --workspace --exclude husk-e2e
+
+# Real Linux guests: each suite's test binary runs inside the nested test host (the runner),
+# or directly where this machine has hardware KVM.
+test-e2e: build check-kernel
+ifeq ($(HAVE_HW_KVM),yes)
+	HUSK_TEST_KERNEL=$(KERNEL) $(CARGO) test -p husk-e2e -- --test-threads=1
+else
+	HUSK_TEST_KERNEL=$(KERNEL) CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(NESTED) --" \
+		$(CARGO) test -p husk-e2e -- --test-threads=1
+endif
+
+# The project's own guest kernel (Debian's linux-source by default, KERNEL_SRC=DIR for another
+# tree): build/kernel/vmlinux. A user's step; tests use the prebuilt kernel.
+kernel:
+	guest-image/kernel/build.sh $(BUILD)/kernel
+
+bench: build check-kernel
+	bench/run
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)
