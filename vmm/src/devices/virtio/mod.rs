@@ -2,6 +2,7 @@
 
 pub mod device;
 pub mod mmio;
+pub mod net;
 
 #[cfg(test)]
 pub mod test_utils;
