@@ -6,10 +6,15 @@
 //! opened (or created) by name when the device is built; its host-side set-up (link up,
 //! addresses, bridge) belongs to whoever owns the tap.
 
+mod device;
+mod event_handler;
 mod packet;
 mod tap;
 
+pub use device::{Net, NetConfig, NetCounters, NetError, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 pub use tap::TapError;
 
 #[cfg(test)]
 mod test_host;
+#[cfg(test)]
+mod tests;
