@@ -9,7 +9,8 @@
 //!   waits for the rx queue's notification (frames then queue up in the kernel, which drops
 //!   them only when its own tap queue overflows). A frame that does not fit in the next rx
 //!   chain is dropped and counted, and that chain is returned used with length 0: no partial
-//!   frame is ever given to the guest.
+//!   frame is ever given to the guest. A reset keeps the frame the device holds, as the tap
+//!   keeps the ones queued behind it: they go to the driver of the next activation.
 
 use std::io;
 use std::sync::Arc;
@@ -164,7 +165,7 @@ impl Net {
         self.counters
     }
 
-    /// Send every chain the guest put in the tx queue to the tap.
+    /// Send every chain the guest put in the tx queue to the tap (nothing until activated).
     pub(super) fn process_tx(&mut self) {
         let Some(mem) = self.mem.as_ref() else { return };
         let queue = &mut self.queues[TX_QUEUE];
@@ -189,7 +190,7 @@ impl Net {
     }
 
     /// Move frames from the tap to the guest until the tap is empty or the guest has no more
-    /// rx buffers.
+    /// rx buffers (nothing until activated: frames stay in the tap).
     pub(super) fn process_rx(&mut self) {
         let Some(mem) = self.mem.as_ref() else { return };
         let queue = &mut self.queues[RX_QUEUE];
@@ -287,7 +288,6 @@ impl VirtioDevice for Net {
         self.mem = None;
         self.acked_features = 0;
         self.queues.iter_mut().for_each(Queue::reset);
-        self.rx_pending = None;
     }
 }
 

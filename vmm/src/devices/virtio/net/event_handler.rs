@@ -4,7 +4,9 @@
 //! events and the tap; later activations (after a reset) find them there already. The tap is
 //! watched edge-triggered: the device stops reading it while the guest has no rx buffer, and
 //! a level-triggered tap would then wake the loop again and again. What restarts reading is
-//! the rx queue's notification, or the next frame arriving on the tap.
+//! the rx queue's notification, or the next frame arriving on the tap. Until the device is
+//! activated (and after a reset) the data paths do nothing: notifications are drained and
+//! ignored, and frames stay queued in the tap.
 
 use std::os::fd::AsRawFd;
 
@@ -31,31 +33,19 @@ impl Net {
     }
 
     fn register_io_events(&self, ops: &mut EventOps) {
+        let rx_queue = Events::new(&self.queue_evts[RX_QUEUE], EventSet::IN);
+        let tx_queue = Events::new(&self.queue_evts[TX_QUEUE], EventSet::IN);
+        let tap = Events::new(&self.tap, EventSet::IN | EventSet::EDGE_TRIGGERED);
         let watched = [
-            (
-                Events::new(&self.queue_evts[RX_QUEUE], EventSet::IN),
-                "rx queue event",
-            ),
-            (
-                Events::new(&self.queue_evts[TX_QUEUE], EventSet::IN),
-                "tx queue event",
-            ),
-            (
-                Events::new(&self.tap, EventSet::IN | EventSet::EDGE_TRIGGERED),
-                "tap",
-            ),
+            (rx_queue, "rx queue event"),
+            (tx_queue, "tx queue event"),
+            (tap, "tap"),
         ];
         for (events, what) in watched {
             if let Err(e) = ops.add(events) {
                 log::error!("net {}: cannot watch the {what}: {e}", self.tap_name());
             }
         }
-    }
-
-    /// Take a queue's notification; whether the device is active to serve it.
-    fn take_queue_event(&self, index: usize) -> bool {
-        drain(&self.queue_evts[index], "queue");
-        self.is_activated()
     }
 
     fn on_tap_event(&mut self, events: EventSet) {
@@ -65,10 +55,7 @@ impl Net {
                 self.tap_name()
             );
         }
-        // Before activation, frames stay queued in the tap; the activation reads them.
-        if self.is_activated() {
-            self.process_rx();
-        }
+        self.process_rx();
     }
 }
 
@@ -96,13 +83,11 @@ impl MutEventSubscriber for Net {
         if fd == self.activate_evt.as_raw_fd() {
             self.on_activate(ops);
         } else if fd == self.queue_evts[RX_QUEUE].as_raw_fd() {
-            if self.take_queue_event(RX_QUEUE) {
-                self.process_rx();
-            }
+            drain(&self.queue_evts[RX_QUEUE], "rx queue");
+            self.process_rx();
         } else if fd == self.queue_evts[TX_QUEUE].as_raw_fd() {
-            if self.take_queue_event(TX_QUEUE) {
-                self.process_tx();
-            }
+            drain(&self.queue_evts[TX_QUEUE], "tx queue");
+            self.process_tx();
         } else if fd == self.tap.as_raw_fd() {
             self.on_tap_event(events.event_set());
         } else {

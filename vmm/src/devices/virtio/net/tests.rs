@@ -88,8 +88,18 @@ impl Harness {
 
     /// Fresh queues, and the driver's initialisation through the transport.
     fn activate(&mut self, features: u64) -> u32 {
+        self.fresh_queues();
+        self.activate_queues(features)
+    }
+
+    /// Lay the queues out anew, empty.
+    fn fresh_queues(&mut self) {
         self.rx = QueueDriver::new(&self.mem, RX_RING, QUEUE_SIZE);
         self.tx = QueueDriver::new(&self.mem, TX_RING, QUEUE_SIZE);
+    }
+
+    /// The driver's initialisation through the transport, with the queues as they are.
+    fn activate_queues(&mut self, features: u64) -> u32 {
         let status = activate_through_mmio(&mut self.transport, features, &[&self.rx, &self.tx]);
         self.run_until_idle();
         status
@@ -140,31 +150,59 @@ impl Harness {
         bytes
     }
 
-    /// Post an rx chain of two buffers (header, then `frame_room` bytes) and notify; the
-    /// address of the header.
+    /// Post an rx chain and notify; the address of the header.
     fn post_rx(&mut self, frame_room: usize) -> u64 {
+        let header = self.add_rx_chain(frame_room);
+        self.notify(RX_QUEUE);
+        header
+    }
+
+    /// Post an rx chain, and notify only if the device asked for it (EVENT_IDX), as a
+    /// virtio driver does; the address of the header.
+    fn post_rx_as_a_driver_does(&mut self, frame_room: usize) -> u64 {
+        let old: u16 = self
+            .mem
+            .read_obj(GuestAddress(self.rx.avail_ring() + 2))
+            .unwrap();
+        let header = self.add_rx_chain(frame_room);
+        let new = old.wrapping_add(1);
+        let event = self.avail_event(RX_QUEUE);
+        // Linux's vring_need_event().
+        if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old) {
+            self.notify(RX_QUEUE);
+        }
+        header
+    }
+
+    /// Publish an rx chain of two buffers (header, then `frame_room` bytes) without
+    /// notifying; the address of the header.
+    fn add_rx_chain(&mut self, frame_room: usize) -> u64 {
         let header = self.buffer(VNET_HDR_LEN + frame_room);
         let frame = header + VNET_HDR_LEN as u64;
         let hdr = Desc::writable(header, VNET_HDR_LEN as u32);
         self.rx
             .add_chain(&[hdr, Desc::writable(frame, frame_room as u32)]);
-        self.notify(RX_QUEUE);
         header
     }
 
-    /// Post `frame` on the tx queue, behind a header full of junk (no offload was negotiated,
-    /// so the device must ignore it), split over three descriptors, and notify.
+    /// Post `frame` on the tx queue and notify.
     fn transmit(&mut self, frame: &[u8]) -> u16 {
+        let head = self.add_tx_chain(frame);
+        self.notify(TX_QUEUE);
+        head
+    }
+
+    /// Publish `frame` on the tx queue without notifying, behind a header full of junk (no
+    /// offload was negotiated, so the device must ignore it), split over three descriptors.
+    fn add_tx_chain(&mut self, frame: &[u8]) -> u16 {
         let header = self.buffer_with(&[0xff; VNET_HDR_LEN]);
         let (a, b) = frame.split_at(frame.len() / 2);
         let (a_addr, b_addr) = (self.buffer_with(a), self.buffer_with(b));
-        let head = self.tx.add_chain(&[
+        self.tx.add_chain(&[
             Desc::readable(header, VNET_HDR_LEN as u32),
             Desc::readable(a_addr, a.len() as u32),
             Desc::readable(b_addr, b.len() as u32),
-        ]);
-        self.notify(TX_QUEUE);
-        head
+        ])
     }
 
     fn next_tx_used(&mut self) -> (u32, u32) {
@@ -528,28 +566,32 @@ fn events_before_activation_are_ignored_and_frames_wait_for_it() {
 }
 
 #[test]
-fn the_device_works_again_after_a_reset() {
+fn the_device_works_again_after_a_reset_and_loses_no_frame_to_it() {
     let mut h = Harness::started();
     let header = h.post_rx(1514);
     let frame = test_frame(GUEST_MAC, 10, 64);
     h.host.send(&frame);
     h.assert_received(header, &frame);
+    let held = test_frame(GUEST_MAC, 11, 70);
+    h.host.send(&held);
+    h.run_until_idle();
 
     write_reg(&mut h.transport, 0x70, 0);
     assert!(!h.net.lock().unwrap().is_activated());
-    let stale = test_frame([0xff; 6], 11, 64);
-    h.transmit(&stale);
+    h.transmit(&test_frame([0xff; 6], 12, 64));
     h.post_rx(1514);
-    let waiting = test_frame(GUEST_MAC, 12, 70);
-    h.host.send(&waiting);
+    let queued = test_frame(GUEST_MAC, 13, 80);
+    h.host.send(&queued);
     h.run_until_idle();
     assert_eq!(h.tx.pop_used(), None, "a reset device serves no queue");
     assert_eq!(h.rx.pop_used(), None, "a reset device serves no queue");
 
     h.activate(ALL_FEATURES);
-    let header = h.post_rx(1514);
-    h.assert_received(header, &waiting);
-    let frame = test_frame([0xff; 6], 13, 64);
+    let first = h.post_rx(1514);
+    let second = h.post_rx(1514);
+    h.assert_received(first, &held);
+    h.assert_received(second, &queued);
+    let frame = test_frame([0xff; 6], 14, 64);
     h.transmit(&frame);
     assert_eq!(h.next_tx_used().1, 0);
     assert_eq!(
@@ -557,6 +599,23 @@ fn the_device_works_again_after_a_reset() {
         frame,
         "the chain posted before the reset was dropped"
     );
+}
+
+#[test]
+fn chains_published_before_driver_ok_are_served_at_activation() {
+    let mut h = Harness::started();
+    write_reg(&mut h.transport, 0x70, 0);
+    let incoming = test_frame(GUEST_MAC, 15, 64);
+    h.host.send(&incoming);
+    h.run_until_idle();
+    h.fresh_queues();
+    let header = h.add_rx_chain(1514);
+    let outgoing = test_frame([0xff; 6], 16, 64);
+    h.add_tx_chain(&outgoing);
+    h.activate_queues(ALL_FEATURES);
+    h.assert_received(header, &incoming);
+    assert_eq!(h.next_tx_used().1, 0);
+    assert_eq!(h.host_receives(), outgoing);
 }
 
 #[test]
@@ -575,6 +634,18 @@ fn with_event_idx_interrupts_follow_used_event() {
     h.transmit(&test_frame([0xff; 6], 15, 64));
     h.next_tx_used();
     assert_eq!(h.irqs(), 1);
+}
+
+#[test]
+fn with_event_idx_a_driver_that_notifies_only_when_asked_gets_every_frame() {
+    let mut h = Harness::started();
+    for tag in 20..24 {
+        let frame = test_frame(GUEST_MAC, tag, 64);
+        h.host.send(&frame);
+        h.run_until_idle();
+        let header = h.post_rx_as_a_driver_does(1514);
+        h.assert_received(header, &frame);
+    }
 }
 
 #[test]
