@@ -120,7 +120,8 @@ impl Tap {
         // pointer); all-zero bytes are a valid value of it.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         ifr.ifr_name = ifr_name;
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        ifr.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one `ifreq`, and `ifr` is a valid, exclusively
         // borrowed `ifreq` that outlives the call; the fd is open.
         let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETIFF as _, &mut ifr) };
