@@ -3,6 +3,7 @@
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod net;
 
 #[cfg(test)]
 pub mod test_utils;
