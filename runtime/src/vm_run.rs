@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;
+use vmm::devices::virtio::net::NetConfig;
 use vmm::micro_vm::{GuestExit, MicroVm};
 
 use crate::signals;
@@ -37,6 +38,51 @@ pub struct VmRunArgs {
     /// A raw disk image as the next virtio-blk disk (/dev/vda, /dev/vdb, ...): PATH[,ro][,id=ID].
     #[arg(long = "disk", value_name = "PATH[,ro][,id=ID]", value_parser = parse_disk)]
     disks: Vec<BlockConfig>,
+    /// A virtio-net card on host tap TAP (created if missing, gone when husk exits unless it
+    /// existed before): TAP[,mac=MAC].
+    #[arg(long = "net", value_name = "TAP[,mac=MAC]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+}
+
+/// `TAP[,mac=aa:bb:cc:dd:ee:ff]`.
+fn parse_net(spec: &str) -> Result<NetConfig, String> {
+    let mut parts = spec.split(',');
+    let tap_name = parts
+        .next()
+        .filter(|t| !t.is_empty())
+        .ok_or("the network card needs a tap name")?;
+    let mut net = NetConfig {
+        tap_name: tap_name.to_owned(),
+        mac: None,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", mac)) => net.mac = Some(parse_mac(mac)?),
+            _ => {
+                return Err(format!(
+                    "unknown network option {option:?} (expected mac=MAC)"
+                ))
+            }
+        }
+    }
+    Ok(net)
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|b| {
+            if b.len() == 2 {
+                u8::from_str_radix(b, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("invalid MAC address {text:?}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("invalid MAC address {text:?}"))
 }
 
 /// `PATH[,ro][,id=ID]`; the path is everything before the first comma.
@@ -88,6 +134,7 @@ impl VmRunArgs {
             vcpus: self.vcpus,
             console: self.console(),
             disks: self.disks.clone(),
+            nets: self.nets.clone(),
         }
     }
 }
@@ -138,5 +185,23 @@ mod tests {
         assert!(parse_disk("x.img,rw")
             .unwrap_err()
             .contains("unknown disk option"));
+    }
+
+    #[test]
+    fn net_specs() {
+        let n = parse_net("tap0").unwrap();
+        assert_eq!((n.tap_name.as_str(), n.mac), ("tap0", None));
+        let n = parse_net("tap1,mac=02:00:00:aa:bb:0f").unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0x0f]));
+        assert!(parse_net("tap1,mac=02:00:00:aa:bb")
+            .unwrap_err()
+            .contains("invalid MAC"));
+        assert!(parse_net("tap1,mac=02:00:00:aa:bb:xyz")
+            .unwrap_err()
+            .contains("invalid MAC"));
+        assert!(parse_net("").is_err());
+        assert!(parse_net("tap0,mtu=9000")
+            .unwrap_err()
+            .contains("unknown network option"));
     }
 }

@@ -290,3 +290,52 @@ fn bad_disks_are_clear_errors() {
         .arg(&kernel));
     assert_fails_with(&out, "unknown disk option");
 }
+
+#[test]
+fn bad_taps_are_clear_errors() {
+    let dir = TempDir::new("cli-net");
+    let kernel = dir.write("k.elf", &hello_and_reset());
+    let out = run(husk()
+        .args([
+            "vm",
+            "run",
+            "--mem-mib",
+            "32",
+            "--net",
+            "a-tap-name-far-too-long",
+            "--kernel",
+        ])
+        .arg(&kernel));
+    assert_fails_with(&out, "a-tap-name-far-too-long");
+    let out = run(husk()
+        .args(["vm", "run", "--mem-mib", "32", "--net", "lo", "--kernel"])
+        .arg(&kernel));
+    assert_fails_with(&out, "lo");
+    let out = run(husk()
+        .args([
+            "vm",
+            "run",
+            "--mem-mib",
+            "32",
+            "--net",
+            "tap0,mac=zz",
+            "--kernel",
+        ])
+        .arg(&kernel));
+    assert_fails_with(&out, "invalid MAC address");
+}
+
+#[test]
+fn a_tap_husk_created_is_gone_after_the_vm_ends() {
+    let dir = TempDir::new("cli-tap-gone");
+    let kernel = dir.write("k.elf", &hello_and_reset());
+    let tap = format!("hkcli{}", std::process::id() % 100_000);
+    let out = run(husk()
+        .args(["vm", "run", "--mem-mib", "32", "--net", &tap, "--kernel"])
+        .arg(&kernel));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(
+        !std::path::Path::new("/sys/class/net").join(&tap).exists(),
+        "tap {tap} left behind"
+    );
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::arch::layout::{FIRST_VIRTIO_IRQ, LAST_VIRTIO_IRQ, MAX_VCPUS};
 use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::NetConfig;
 
 /// Smallest guest the VMM builds: room for a small kernel and initramfs.
 pub const MIN_MEM_MIB: u64 = 16;
@@ -48,6 +49,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// Block devices, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
     pub disks: Vec<BlockConfig>,
+    /// Network cards, each backed by a host tap (`eth0`, `eth1`, ... in the guest).
+    pub nets: Vec<NetConfig>,
 }
 
 /// A configuration the VMM refuses.
@@ -67,7 +70,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// How many virtio devices the VM gets.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len()
+        self.disks.len() + self.nets.len()
     }
 
     /// Check the sizes and counts before anything is built.

@@ -24,6 +24,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::kvm_vm::{KvmError, KvmVm};
 use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
@@ -72,6 +73,9 @@ pub enum VmmError {
     /// A disk could not be attached.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A network card could not be attached.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// The console file cannot be opened.
     #[error("cannot open console output {path}: {source}")]
     Console {
@@ -317,10 +321,13 @@ impl MicroVm {
     }
 }
 
-/// The configured virtio devices, in a fixed order: disks first.
+/// The configured virtio devices, in a fixed order: disks, then network cards.
 fn attach_virtio_devices(builder: &mut VmBuilder, config: &VmConfig) -> Result<(), VmmError> {
     for disk in &config.disks {
         builder.attach_virtio(|interrupt| Ok(Block::new(disk.clone(), interrupt)?))?;
+    }
+    for net in &config.nets {
+        builder.attach_virtio(|interrupt| Ok(Net::new(net.clone(), interrupt)?))?;
     }
     Ok(())
 }

@@ -31,6 +31,7 @@ fn config(dir: &TempDir, code: &[u8]) -> VmConfig {
             read_stdin: false,
         },
         disks: vec![],
+        nets: vec![],
     }
 }
 
