@@ -3,3 +3,4 @@
 
 mod block;
 mod boot;
+mod net;

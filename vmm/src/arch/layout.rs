@@ -66,6 +66,16 @@ pub const LAST_VIRTIO_IRQ: u32 = 23;
 /// Most vCPUs the MP table in the EBDA has room for.
 pub const MAX_VCPUS: u8 = 32;
 
+// The fixed boot structures must not overlap each other; checked when compiling.
+const _: () = assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER);
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
+const _: () = assert!(PDE_START + BOOT_IDENTITY_MAP_GIB * 4096 <= CMDLINE_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+const _: () = assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 <= KVM_TSS_ADDRESS);
+const _: () = assert!(
+    VIRTIO_MMIO_START + 0x1000 * (LAST_VIRTIO_IRQ - FIRST_VIRTIO_IRQ + 1) as u64 <= IOAPIC_START
+);
+
 /// The RAM regions of a guest with `size` bytes of memory: everything from 0 up to the MMIO gap,
 /// and the rest above 4 GiB.
 pub fn memory_regions(size: u64) -> Vec<(GuestAddress, usize)> {
@@ -119,18 +129,5 @@ mod tests {
         );
         let ram: u64 = e820_ram_ranges(size).iter().map(|r| r.1).sum();
         assert_eq!(ram, size - (HIMEM_START - EBDA_START));
-    }
-
-    #[test]
-    fn fixed_addresses_do_not_collide() {
-        assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER);
-        assert!(BOOT_STACK_POINTER < PML4_START);
-        assert!(PDE_START + BOOT_IDENTITY_MAP_GIB * 4096 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(KVM_IDENTITY_MAP_ADDRESS + 4096 <= KVM_TSS_ADDRESS);
-        assert!(
-            VIRTIO_MMIO_START + 0x1000 * u64::from(LAST_VIRTIO_IRQ - FIRST_VIRTIO_IRQ + 1)
-                < IOAPIC_START
-        );
     }
 }

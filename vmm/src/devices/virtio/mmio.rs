@@ -252,7 +252,7 @@ impl BusDevice for MmioTransport {
                 .read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             log::warn!(
                 "virtio-mmio register read of {} bytes at {offset:#x}",
                 data.len()
@@ -281,7 +281,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             log::warn!("unaligned virtio-mmio register write at {offset:#x}");
             return;
         }
