@@ -2,6 +2,7 @@
 
 pub mod device;
 pub mod mmio;
+pub mod vsock;
 
 #[cfg(test)]
 pub mod test_utils;
