@@ -38,9 +38,13 @@ impl Vsock {
 
     fn register_queue_events(&mut self, ops: &mut EventOps) {
         let queues = [(RX_QUEUE, token::RX_QUEUE), (TX_QUEUE, token::TX_QUEUE)];
-        let queues = queues.into_iter().chain([(EVENT_QUEUE, token::EVENT_QUEUE)]);
+        let queues = queues
+            .into_iter()
+            .chain([(EVENT_QUEUE, token::EVENT_QUEUE)]);
         for (index, data) in queues {
-            let Some(evt) = self.queue_events().get(index) else { continue };
+            let Some(evt) = self.queue_events().get(index) else {
+                continue;
+            };
             if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
                 log::error!("vsock: cannot register queue {index}'s event: {e:?}");
                 return;
@@ -61,8 +65,11 @@ impl Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, token::ACTIVATE, EventSet::IN))
-        {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            token::ACTIVATE,
+            EventSet::IN,
+        )) {
             log::error!("vsock: cannot register the activation event: {e:?}");
         }
     }
@@ -75,7 +82,9 @@ impl MutEventSubscriber for Vsock {
             token::EVENT_QUEUE => self.on_queue_event(EVENT_QUEUE),
             token::LISTENER => self.muxer.accept_clients(),
             token::TIMER => self.muxer.handle_timer(),
-            token::STREAM => self.muxer.handle_stream_event(events.fd(), events.event_set()),
+            token::STREAM => self
+                .muxer
+                .handle_stream_event(events.fd(), events.event_set()),
             other => log::warn!("vsock: event with unknown data {other}"),
         }
         let active = self.is_activated();

@@ -133,8 +133,8 @@ pub enum PacketError {
         /// Readable bytes after the header.
         present: usize,
     },
-    /// An rx chain too small to hold a header.
-    #[error("rx chain holds {0} writable bytes, less than a header")]
+    /// An rx chain with no room for a payload byte after the header.
+    #[error("rx chain holds {0} writable bytes, no room for a payload after a header")]
     RxBufferTooSmall(usize),
     /// Copying to or from guest memory failed.
     #[error("guest memory access failed: {0}")]
@@ -194,10 +194,14 @@ pub fn read_tx_packet(
         return malformed(PacketError::LengthMismatch { declared, present });
     }
     reader.read_exact(buf).map_err(PacketError::Memory)?;
-    Ok(TxPacket::Valid { hdr, payload_len: present })
+    Ok(TxPacket::Valid {
+        hdr,
+        payload_len: present,
+    })
 }
 
-/// The writable part of an rx chain, checked to hold at least a header.
+/// The writable part of an rx chain, checked to hold a header and at least one payload byte
+/// (a header-only buffer could carry control packets but would wedge data behind it).
 pub struct RxBuffer<'a> {
     writer: virtio_queue::Writer<'a>,
 }
@@ -210,7 +214,7 @@ impl<'a> RxBuffer<'a> {
     ) -> Result<Self, PacketError> {
         let writer = chain.writer(mem).map_err(PacketError::Chain)?;
         let capacity = writer.available_bytes();
-        if capacity < HDR_LEN {
+        if capacity <= HDR_LEN {
             return Err(PacketError::RxBufferTooSmall(capacity));
         }
         Ok(RxBuffer { writer })
@@ -223,8 +227,12 @@ impl<'a> RxBuffer<'a> {
 
     /// Write `hdr` and `payload` (which must fit) and return the bytes written.
     pub fn write_packet(mut self, hdr: &VsockHeader, payload: &[u8]) -> Result<u32, PacketError> {
-        self.writer.write_all(&hdr.to_bytes()).map_err(PacketError::Memory)?;
-        self.writer.write_all(payload).map_err(PacketError::Memory)?;
+        self.writer
+            .write_all(&hdr.to_bytes())
+            .map_err(PacketError::Memory)?;
+        self.writer
+            .write_all(payload)
+            .map_err(PacketError::Memory)?;
         u32::try_from(self.writer.bytes_written())
             .map_err(|e| PacketError::Memory(std::io::Error::other(e)))
     }

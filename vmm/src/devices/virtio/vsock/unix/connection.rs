@@ -61,7 +61,7 @@ pub enum Verdict {
 pub enum RxOutcome {
     /// A packet with this header; an RW packet's payload is at the front of the buffer.
     Packet(VsockHeader),
-    /// Nothing to send after all.
+    /// Nothing to send after all; nothing is pending any more either.
     Idle,
     /// The host socket failed: reset the connection.
     Reset,
@@ -191,7 +191,10 @@ impl Connection {
                 Verdict::Keep
             }
             (state, op) => {
-                log::debug!("vsock {:?}: op {op} in state {state:?}, resetting", self.key);
+                log::debug!(
+                    "vsock {:?}: op {op} in state {state:?}, resetting",
+                    self.key
+                );
                 Verdict::Reset
             }
         }
@@ -215,7 +218,11 @@ impl Connection {
 
     /// The deadline passed: give up on the handshake or on flushing before close.
     pub fn on_deadline(&self) -> Verdict {
-        log::debug!("vsock {:?}: deadline passed in state {:?}", self.key, self.state);
+        log::debug!(
+            "vsock {:?}: deadline passed in state {:?}",
+            self.key,
+            self.state
+        );
         Verdict::Reset
     }
 
@@ -305,7 +312,13 @@ impl Connection {
         let Some(buf) = payload.get_mut(..max).filter(|buf| !buf.is_empty()) else {
             return RxOutcome::Idle;
         };
-        match self.stream.read(buf) {
+        let read = loop {
+            match self.stream.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                result => break result,
+            }
+        };
+        match read {
             Ok(0) => {
                 self.host_eof = true;
                 self.host_readable = false;
@@ -322,7 +335,6 @@ impl Connection {
                 self.host_readable = false;
                 RxOutcome::Idle
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => RxOutcome::Idle,
             Err(e) => {
                 log::debug!("vsock {:?}: host socket read failed: {e}", self.key);
                 RxOutcome::Reset
@@ -346,7 +358,10 @@ impl Connection {
         }
         let unconsumed = u64::from((self.received - self.fwd_cnt).0);
         if unconsumed + payload.len() as u64 > u64::from(CONN_BUF_ALLOC) {
-            log::warn!("vsock {:?}: guest sent beyond its credit, resetting", self.key);
+            log::warn!(
+                "vsock {:?}: guest sent beyond its credit, resetting",
+                self.key
+            );
             return Verdict::Reset;
         }
         self.received += byte_count(payload.len());

@@ -116,15 +116,25 @@ impl Muxer {
     /// A well-formed tx packet from the guest.
     pub fn handle_guest_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid {
-            log::warn!("vsock: dropping packet with spoofed source cid {}", hdr.src_cid);
+            log::warn!(
+                "vsock: dropping packet with spoofed source cid {}",
+                hdr.src_cid
+            );
             return;
         }
         if hdr.type_ != TYPE_STREAM || hdr.dst_cid != HOST_CID {
-            log::debug!("vsock: refusing type {} packet to cid {}", hdr.type_, hdr.dst_cid);
+            log::debug!(
+                "vsock: refusing type {} packet to cid {}",
+                hdr.type_,
+                hdr.dst_cid
+            );
             self.refuse(hdr);
             return;
         }
-        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         if hdr.op == op::RST {
             if self.connections.contains_key(&key) {
                 self.apply(key, Verdict::Close);
@@ -148,7 +158,10 @@ impl Muxer {
         if hdr.src_cid != self.guest_cid {
             return;
         }
-        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         if self.connections.contains_key(&key) {
             self.apply(key, Verdict::Reset);
         } else {
@@ -156,32 +169,32 @@ impl Muxer {
         }
     }
 
-    /// The next packet for the guest, its RW payload written to the front of `payload`.
+    /// The next packet for the guest, its RW payload written to the front of `payload` (which
+    /// must have room for at least one byte). A connection that turns out to have nothing to
+    /// say has nothing pending any more, so each ticket is looked at once.
     pub fn next_rx_packet(&mut self, payload: &mut [u8]) -> Option<VsockHeader> {
-        let mut deferred = Vec::new();
-        let packet = loop {
-            let Some(ticket) = self.tickets.pop_front() else { break None };
+        while let Some(ticket) = self.tickets.pop_front() {
             let key = match ticket {
                 Ticket::Control(hdr) => {
                     self.pending_control -= 1;
-                    break Some(hdr);
+                    return Some(hdr);
                 }
                 Ticket::Conn(key) => key,
             };
             self.queued.remove(&key);
-            let Some(conn) = self.connections.get_mut(&key) else { continue };
+            let Some(conn) = self.connections.get_mut(&key) else {
+                continue;
+            };
             match conn.next_rx_packet(payload) {
                 RxOutcome::Packet(hdr) => {
                     self.schedule(key);
-                    break Some(hdr);
+                    return Some(hdr);
                 }
-                RxOutcome::Idle if conn.has_pending_rx() => deferred.push(key),
                 RxOutcome::Idle => {}
                 RxOutcome::Reset => self.apply(key, Verdict::Reset),
             }
-        };
-        deferred.into_iter().for_each(|key| self.schedule(key));
-        packet
+        }
+        None
     }
 
     /// The listener is readable: take in new host clients.
@@ -222,8 +235,12 @@ impl Muxer {
         if self.listener_paused_until.is_some_and(|until| until <= now) {
             self.listener_paused_until = None;
         }
-        let late_clients: Vec<RawFd> =
-            self.clients.iter().filter(|(_, c)| c.deadline() <= now).map(|(fd, _)| *fd).collect();
+        let late_clients: Vec<RawFd> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.deadline() <= now)
+            .map(|(fd, _)| *fd)
+            .collect();
         for fd in late_clients {
             log::debug!("vsock: host client sent no CONNECT line in time");
             self.retire_client(fd);
@@ -249,12 +266,22 @@ impl Muxer {
         self.release_retired(ops);
         self.sync_listener(ops, accepting);
         self.sync_timer(ops);
-        let Muxer { clients, connections, registered, .. } = self;
+        let Muxer {
+            clients,
+            connections,
+            registered,
+            ..
+        } = self;
         for (fd, _) in clients.iter() {
             watch_stream(ops, registered, *fd, EventSet::IN);
         }
         for conn in connections.values() {
-            watch_stream(ops, registered, conn.stream().as_raw_fd(), conn.wanted_events());
+            watch_stream(
+                ops,
+                registered,
+                conn.stream().as_raw_fd(),
+                conn.wanted_events(),
+            );
         }
     }
 
@@ -268,11 +295,14 @@ impl Muxer {
             return;
         }
         let deadline = Instant::now() + CONNECT_LINE_TIMEOUT;
-        self.clients.insert(stream.as_raw_fd(), HostClient::new(stream, deadline));
+        self.clients
+            .insert(stream.as_raw_fd(), HostClient::new(stream, deadline));
     }
 
     fn read_connect_line(&mut self, fd: RawFd) {
-        let Some(client) = self.clients.get_mut(&fd) else { return };
+        let Some(client) = self.clients.get_mut(&fd) else {
+            return;
+        };
         match client.read_line() {
             LineStatus::Incomplete => {}
             LineStatus::Rejected(why) => {
@@ -294,7 +324,10 @@ impl Muxer {
             self.retired.push(stream);
             return;
         };
-        let key = ConnKey { local_port, peer_port };
+        let key = ConnKey {
+            local_port,
+            peer_port,
+        };
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         let conn = Connection::host_initiated(key, self.guest_cid, stream, deadline);
         self.insert(key, conn);
@@ -351,7 +384,10 @@ impl Muxer {
 
     /// Queue the connection for the rx queue if it has something to say and is not queued.
     fn schedule(&mut self, key: ConnKey) {
-        let pending = self.connections.get(&key).is_some_and(Connection::has_pending_rx);
+        let pending = self
+            .connections
+            .get(&key)
+            .is_some_and(Connection::has_pending_rx);
         if pending && self.queued.insert(key) {
             self.tickets.push_back(Ticket::Conn(key));
         }
@@ -360,7 +396,10 @@ impl Muxer {
     /// Answer a packet that has no connection with an RST (never an RST with an RST).
     fn refuse(&mut self, hdr: &VsockHeader) {
         if hdr.op != op::RST {
-            let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
+            let key = ConnKey {
+                local_port: hdr.dst_port,
+                peer_port: hdr.src_port,
+            };
             self.push_control(rst_header(self.guest_cid, key));
         }
     }
@@ -403,7 +442,11 @@ impl Muxer {
             return;
         }
         let events = Events::with_data(&self.listener, token::LISTENER, EventSet::IN);
-        let result = if wanted { ops.add(events) } else { ops.remove(events) };
+        let result = if wanted {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
         match result {
             Ok(()) => self.listener_registered = wanted,
             Err(e) => log::error!("vsock: cannot update the listener's registration: {e:?}"),
@@ -437,7 +480,10 @@ impl Muxer {
     fn next_deadline(&self) -> Option<Instant> {
         let clients = self.clients.values().map(HostClient::deadline);
         let connections = self.connections.values().filter_map(Connection::deadline);
-        clients.chain(connections).chain(self.listener_paused_until).min()
+        clients
+            .chain(connections)
+            .chain(self.listener_paused_until)
+            .min()
     }
 }
 

@@ -54,9 +54,15 @@ impl HostListener {
             }
             Err(source) => return Err(bind_error(path, source)),
         };
-        listener.set_nonblocking(true).map_err(|source| bind_error(path, source))?;
-        let meta = std::fs::metadata(path).map_err(|source| bind_error(path, source))?;
-        Ok(HostListener { listener, path: path.to_path_buf(), file_id: (meta.dev(), meta.ino()) })
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| bind_error(path, source))?;
+        let meta = std::fs::symlink_metadata(path).map_err(|source| bind_error(path, source))?;
+        Ok(HostListener {
+            listener,
+            path: path.to_path_buf(),
+            file_id: (meta.dev(), meta.ino()),
+        })
     }
 
     /// The listening socket.
@@ -84,7 +90,10 @@ impl Drop for HostListener {
 }
 
 fn bind_error(path: &Path, source: io::Error) -> ListenerError {
-    ListenerError::Bind { path: path.to_path_buf(), source }
+    ListenerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn check_parent(path: &Path) -> Result<(), ListenerError> {
@@ -121,7 +130,11 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let addr = socket_address(path)?;
     // SAFETY: socket(2) takes no pointers; the result is checked before use.
     let fd = unsafe {
-        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -168,7 +181,12 @@ pub fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call and
     // `stream` keeps the descriptor open.
     let sent = unsafe {
-        libc::send(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
     };
     usize::try_from(sent).map_err(|_| io::Error::last_os_error())
 }
@@ -183,7 +201,10 @@ mod tests {
         let dir = TempDir::new();
         let path = dir.path().join("v.sock");
         let listener = HostListener::bind(&path).unwrap();
-        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_socket());
         UnixStream::connect(&path).unwrap();
         drop(listener);
         assert!(!path.exists(), "socket file left behind");
@@ -226,8 +247,14 @@ mod tests {
         let dir = TempDir::new();
         let parent = dir.path().join("absent");
         let err = HostListener::bind(&parent.join("v.sock")).unwrap_err();
-        assert!(matches!(&err, ListenerError::MissingParent(p) if *p == parent), "{err}");
-        assert!(err.to_string().contains(&*parent.to_string_lossy()), "{err}");
+        assert!(
+            matches!(&err, ListenerError::MissingParent(p) if *p == parent),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&*parent.to_string_lossy()),
+            "{err}"
+        );
     }
 
     #[test]
@@ -251,7 +278,10 @@ mod tests {
         let err = connect_nonblocking(&path).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
         let long = dir.path().join("x".repeat(200));
-        assert_eq!(connect_nonblocking(&long).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            connect_nonblocking(&long).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 
     #[test]
