@@ -457,3 +457,146 @@ pub fn rst_header(guest_cid: u64, key: ConnKey) -> VsockHeader {
         ..VsockHeader::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::test_support::GUEST_CID;
+
+    const KEY: ConnKey = ConnKey {
+        local_port: 1 << 30,
+        peer_port: 77,
+    };
+
+    fn guest_packet(op: u16, buf_alloc: u32, fwd_cnt: u32) -> VsockHeader {
+        VsockHeader {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port: KEY.peer_port,
+            dst_port: KEY.local_port,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc,
+            fwd_cnt,
+            ..VsockHeader::default()
+        }
+    }
+
+    /// An established guest-initiated connection and the host end of its socket.
+    fn established(buf_alloc: u32) -> (Connection, UnixStream) {
+        let (ours, host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let request = guest_packet(op::REQUEST, buf_alloc, 0);
+        let mut conn = Connection::guest_initiated(KEY, GUEST_CID, ours, &request);
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(conn.next_rx_packet(&mut buf), RxOutcome::Packet(h) if h.op == op::RESPONSE)
+        );
+        (conn, host)
+    }
+
+    fn read_rw(conn: &mut Connection, buf: &mut [u8]) -> VsockHeader {
+        conn.on_host_event(EventSet::IN);
+        match conn.next_rx_packet(buf) {
+            RxOutcome::Packet(hdr) if hdr.op == op::RW => hdr,
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn credit_towards_the_guest_survives_counter_wraparound() {
+        let (mut conn, mut host) = established(100);
+        conn.sent = Wrapping(u32::MAX - 5);
+        conn.on_guest_packet(&guest_packet(op::CREDIT_UPDATE, 100, u32::MAX - 5), &[]);
+        assert_eq!(conn.guest_credit(), 100);
+        std::io::Write::write_all(&mut host, &[7; 10]).unwrap();
+        let hdr = read_rw(&mut conn, &mut [0u8; 64]);
+        assert_eq!(hdr.len, 10);
+        assert_eq!(conn.sent, Wrapping(4), "the counter wrapped");
+        assert_eq!(conn.guest_credit(), 90);
+    }
+
+    #[test]
+    fn guest_claiming_more_than_it_was_sent_gets_no_credit() {
+        let (mut conn, _host) = established(100);
+        conn.on_guest_packet(&guest_packet(op::CREDIT_UPDATE, 100, 10), &[]);
+        assert_eq!(conn.guest_credit(), 0);
+        assert!(!conn.wanted_events().contains(EventSet::IN));
+    }
+
+    #[test]
+    fn reads_never_exceed_the_guest_window() {
+        let (mut conn, mut host) = established(6);
+        std::io::Write::write_all(&mut host, b"0123456789").unwrap();
+        assert_eq!(read_rw(&mut conn, &mut [0u8; 64]).len, 6);
+        assert!(!conn.has_pending_rx(), "window closed");
+        assert!(conn.wanted_events().is_empty(), "no polling without credit");
+    }
+
+    #[test]
+    fn guest_window_is_enforced_across_counter_wraparound() {
+        let (mut conn, _host) = established(100);
+        conn.received = Wrapping(u32::MAX - 2);
+        conn.fwd_cnt = Wrapping(u32::MAX - 2);
+        let rw = guest_packet(op::RW, 100, 0);
+        assert_eq!(conn.on_guest_packet(&rw, &[1; 8]), Verdict::Keep);
+        assert_eq!(conn.fwd_cnt, Wrapping(5), "forwarded count wrapped");
+        conn.fwd_cnt = Wrapping(5) - Wrapping(CONN_BUF_ALLOC);
+        assert_eq!(
+            conn.on_guest_packet(&rw, &[1]),
+            Verdict::Reset,
+            "window overrun"
+        );
+    }
+
+    #[test]
+    fn ok_line_is_not_counted_as_forwarded_guest_data() {
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut conn = Connection::host_initiated(KEY, GUEST_CID, ours, deadline);
+        let mut buf = [0u8; 64];
+        assert!(
+            matches!(conn.next_rx_packet(&mut buf), RxOutcome::Packet(h) if h.op == op::REQUEST)
+        );
+        assert!(
+            conn.wanted_events().is_empty(),
+            "host socket unread before the guest accepts"
+        );
+        let response = guest_packet(op::RESPONSE, 4096, 0);
+        assert_eq!(conn.on_guest_packet(&response, &[]), Verdict::Keep);
+        assert_eq!(conn.deadline(), None);
+        assert_eq!(
+            conn.on_guest_packet(&guest_packet(op::RW, 4096, 0), b"hi"),
+            Verdict::Keep
+        );
+        assert_eq!(conn.fwd_cnt, Wrapping(2));
+        let mut got = vec![0u8; format!("OK {}\nhi", KEY.local_port).len()];
+        std::io::Read::read_exact(&mut host, &mut got).unwrap();
+        assert_eq!(got, format!("OK {}\nhi", KEY.local_port).as_bytes());
+    }
+
+    #[test]
+    fn handshake_packets_out_of_place_reset() {
+        let (mut conn, _host) = established(100);
+        assert_eq!(
+            conn.on_guest_packet(&guest_packet(op::RESPONSE, 100, 0), &[]),
+            Verdict::Reset
+        );
+        let (mut conn, _host) = established(100);
+        assert_eq!(
+            conn.on_guest_packet(&guest_packet(op::REQUEST, 100, 0), &[]),
+            Verdict::Reset
+        );
+        let (mut conn, _host) = established(100);
+        let shut = VsockHeader {
+            flags: SHUTDOWN_SEND,
+            ..guest_packet(op::SHUTDOWN, 100, 0)
+        };
+        assert_eq!(conn.on_guest_packet(&shut, &[]), Verdict::Keep);
+        assert_eq!(
+            conn.on_guest_packet(&guest_packet(op::RW, 100, 0), b"x"),
+            Verdict::Reset
+        );
+    }
+}

@@ -532,3 +532,58 @@ pub enum MuxerError {
     #[error("cannot create the vsock timer: {0}")]
     Timer(#[source] vmm_sys_util::errno::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::test_support::{guest_hdr, TempDir, GUEST_CID};
+
+    #[test]
+    fn local_ports_wrap_and_skip_live_connections() {
+        let dir = TempDir::new();
+        let mut muxer = Muxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
+        let (stream, _peer) = UnixStream::pair().unwrap();
+        let key = ConnKey {
+            local_port: FIRST_LOCAL_PORT,
+            peer_port: 5,
+        };
+        let request = guest_hdr(5, FIRST_LOCAL_PORT, op::REQUEST);
+        muxer.insert(
+            key,
+            Connection::guest_initiated(key, GUEST_CID, stream, &request),
+        );
+        muxer.next_local_port = u32::MAX;
+        assert_eq!(muxer.allocate_local_port(), Some(u32::MAX));
+        assert_eq!(
+            muxer.allocate_local_port(),
+            Some(FIRST_LOCAL_PORT + 1),
+            "wrapped, skipped"
+        );
+    }
+
+    #[test]
+    fn refusals_queue_up_to_a_bound() {
+        let dir = TempDir::new();
+        let mut muxer = Muxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
+        for port in 0..MAX_PENDING_CONTROL as u32 + 100 {
+            muxer.handle_guest_packet(&guest_hdr(port, 9, op::RW), &[]);
+        }
+        assert_eq!(muxer.tickets.len(), MAX_PENDING_CONTROL);
+        let mut payload = [0u8; 16];
+        let first = muxer.next_rx_packet(&mut payload).unwrap();
+        assert_eq!((first.op, first.dst_port, first.src_port), (op::RST, 0, 9));
+        assert_eq!(muxer.pending_control, MAX_PENDING_CONTROL - 1);
+        muxer.handle_guest_packet(&guest_hdr(1, 9, op::RW), &[]);
+        assert_eq!(
+            muxer.tickets.len(),
+            MAX_PENDING_CONTROL,
+            "room for one more"
+        );
+    }
+
+    #[test]
+    fn guest_services_live_next_to_the_socket() {
+        let path = service_path(Path::new("/run/vm/v.sock"), 52);
+        assert_eq!(path, Path::new("/run/vm/v.sock_52"));
+    }
+}
