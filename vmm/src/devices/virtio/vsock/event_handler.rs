@@ -26,6 +26,13 @@ pub mod token {
     pub const STREAM: u32 = 6;
 }
 
+/// Each queue and the data its event is registered with.
+const QUEUE_TOKENS: [(usize, u32); 3] = [
+    (RX_QUEUE, token::RX_QUEUE),
+    (TX_QUEUE, token::TX_QUEUE),
+    (EVENT_QUEUE, token::EVENT_QUEUE),
+];
+
 impl Vsock {
     fn on_activate_event(&mut self, ops: &mut EventOps) {
         if let Err(e) = self.activate_evt.read() {
@@ -37,11 +44,7 @@ impl Vsock {
     }
 
     fn register_queue_events(&mut self, ops: &mut EventOps) {
-        let queues = [(RX_QUEUE, token::RX_QUEUE), (TX_QUEUE, token::TX_QUEUE)];
-        let queues = queues
-            .into_iter()
-            .chain([(EVENT_QUEUE, token::EVENT_QUEUE)]);
-        for (index, data) in queues {
+        for (index, data) in QUEUE_TOKENS {
             let Some(evt) = self.queue_events().get(index) else {
                 continue;
             };
