@@ -4,6 +4,7 @@ pub mod block;
 pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 #[cfg(test)]
 pub mod test_utils;
