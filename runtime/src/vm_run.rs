@@ -9,6 +9,7 @@ use clap::Args;
 use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;
 use vmm::devices::virtio::net::NetConfig;
+use vmm::devices::virtio::vsock::VsockConfig;
 use vmm::micro_vm::{GuestExit, MicroVm};
 
 use crate::signals;
@@ -42,6 +43,13 @@ pub struct VmRunArgs {
     /// existed before): TAP[,mac=MAC].
     #[arg(long = "net", value_name = "TAP[,mac=MAC]", value_parser = parse_net)]
     nets: Vec<NetConfig>,
+    /// A vsock device: host clients connect to this Unix socket and send `CONNECT <port>\n`;
+    /// guest connections to host port P reach the Unix socket `PATH_P`.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id.
+    #[arg(long, default_value_t = 3, requires = "vsock_uds")]
+    vsock_cid: u64,
 }
 
 /// `TAP[,mac=aa:bb:cc:dd:ee:ff]`.
@@ -135,6 +143,10 @@ impl VmRunArgs {
             console: self.console(),
             disks: self.disks.clone(),
             nets: self.nets.clone(),
+            vsock: self.vsock_uds.clone().map(|uds_path| VsockConfig {
+                guest_cid: self.vsock_cid,
+                uds_path,
+            }),
         }
     }
 }

@@ -339,3 +339,42 @@ fn a_tap_husk_created_is_gone_after_the_vm_ends() {
         "tap {tap} left behind"
     );
 }
+
+#[test]
+fn vsock_socket_errors_are_clear_and_the_socket_is_removed() {
+    let dir = TempDir::new("cli-vsock");
+    let kernel = dir.write("k.elf", &hello_and_reset());
+    let out = run(husk()
+        .args([
+            "vm",
+            "run",
+            "--mem-mib",
+            "32",
+            "--vsock-uds",
+            "/nonexistent/dir/v.sock",
+            "--kernel",
+        ])
+        .arg(&kernel));
+    assert_fails_with(&out, "/nonexistent/dir");
+
+    let busy = dir.path().join("busy.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+    let out = run(husk()
+        .args(["vm", "run", "--mem-mib", "32", "--vsock-uds"])
+        .arg(&busy)
+        .arg("--kernel")
+        .arg(&kernel));
+    assert_fails_with(&out, "in use");
+
+    let uds = dir.path().join("v.sock");
+    let out = run(husk()
+        .args(["vm", "run", "--mem-mib", "32", "--vsock-uds"])
+        .arg(&uds)
+        .arg("--kernel")
+        .arg(&kernel));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(
+        !uds.exists(),
+        "the vsock socket is removed when the VM ends"
+    );
+}

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::arch::layout::{FIRST_VIRTIO_IRQ, LAST_VIRTIO_IRQ, MAX_VCPUS};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::vsock::VsockConfig;
 
 /// Smallest guest the VMM builds: room for a small kernel and initramfs.
 pub const MIN_MEM_MIB: u64 = 16;
@@ -51,6 +52,8 @@ pub struct VmConfig {
     pub disks: Vec<BlockConfig>,
     /// Network cards, each backed by a host tap (`eth0`, `eth1`, ... in the guest).
     pub nets: Vec<NetConfig>,
+    /// The vsock device, reached from the host through a Unix socket.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A configuration the VMM refuses.
@@ -70,7 +73,7 @@ pub enum ConfigError {
 impl VmConfig {
     /// How many virtio devices the VM gets.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + self.nets.len()
+        self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some())
     }
 
     /// Check the sizes and counts before anything is built.

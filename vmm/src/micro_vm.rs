@@ -25,6 +25,7 @@ use crate::devices::legacy::{BootTimer, EventFdTrigger, SerialConsole, SerialInp
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::net::{Net, NetError};
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::kvm_vm::{KvmError, KvmVm};
 use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
@@ -76,6 +77,9 @@ pub enum VmmError {
     /// A network card could not be attached.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The vsock device could not be attached.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// The console file cannot be opened.
     #[error("cannot open console output {path}: {source}")]
     Console {
@@ -321,13 +325,16 @@ impl MicroVm {
     }
 }
 
-/// The configured virtio devices, in a fixed order: disks, then network cards.
+/// The configured virtio devices, in a fixed order: disks, network cards, vsock.
 fn attach_virtio_devices(builder: &mut VmBuilder, config: &VmConfig) -> Result<(), VmmError> {
     for disk in &config.disks {
         builder.attach_virtio(|interrupt| Ok(Block::new(disk.clone(), interrupt)?))?;
     }
     for net in &config.nets {
         builder.attach_virtio(|interrupt| Ok(Net::new(net.clone(), interrupt)?))?;
+    }
+    if let Some(vsock) = &config.vsock {
+        builder.attach_virtio(|interrupt| Ok(Vsock::new(vsock.clone(), interrupt)?))?;
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ fn config(dir: &TempDir, code: &[u8]) -> VmConfig {
         },
         disks: vec![],
         nets: vec![],
+        vsock: None,
     }
 }
 
