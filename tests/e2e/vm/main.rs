@@ -4,3 +4,4 @@
 mod block;
 mod boot;
 mod net;
+mod vsock;
