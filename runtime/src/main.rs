@@ -31,9 +31,7 @@ enum VmCommand {
 
 fn init_logging() {
     let env = env_logger::Env::new().filter_or("HUSK_LOG", "warn");
-    env_logger::Builder::from_env(env)
-        .format_timestamp_micros()
-        .init();
+    env_logger::Builder::from_env(env).format_timestamp_micros().init();
 }
 
 fn main() {

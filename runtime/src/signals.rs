@@ -32,10 +32,7 @@ pub fn forward_to(stop_evt: &EventFd) -> std::io::Result<()> {
     for signum in STOP_SIGNALS {
         // SAFETY: the handler only does async-signal-safe work (atomics and write).
         let previous = unsafe {
-            libc::signal(
-                signum,
-                on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            )
+            libc::signal(signum, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t)
         };
         if previous == libc::SIG_ERR {
             return Err(std::io::Error::last_os_error());

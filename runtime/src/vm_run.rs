@@ -55,22 +55,13 @@ pub struct VmRunArgs {
 /// `TAP[,mac=aa:bb:cc:dd:ee:ff]`.
 fn parse_net(spec: &str) -> Result<NetConfig, String> {
     let mut parts = spec.split(',');
-    let tap_name = parts
-        .next()
-        .filter(|t| !t.is_empty())
-        .ok_or("the network card needs a tap name")?;
-    let mut net = NetConfig {
-        tap_name: tap_name.to_owned(),
-        mac: None,
-    };
+    let tap_name =
+        parts.next().filter(|t| !t.is_empty()).ok_or("the network card needs a tap name")?;
+    let mut net = NetConfig { tap_name: tap_name.to_owned(), mac: None };
     for option in parts {
         match option.split_once('=') {
             Some(("mac", mac)) => net.mac = Some(parse_mac(mac)?),
-            _ => {
-                return Err(format!(
-                    "unknown network option {option:?} (expected mac=MAC)"
-                ))
-            }
+            _ => return Err(format!("unknown network option {option:?} (expected mac=MAC)")),
         }
     }
     Ok(net)
@@ -79,41 +70,22 @@ fn parse_net(spec: &str) -> Result<NetConfig, String> {
 fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let bytes: Vec<u8> = text
         .split(':')
-        .map(|b| {
-            if b.len() == 2 {
-                u8::from_str_radix(b, 16).ok()
-            } else {
-                None
-            }
-        })
+        .map(|b| if b.len() == 2 { u8::from_str_radix(b, 16).ok() } else { None })
         .collect::<Option<_>>()
         .ok_or_else(|| format!("invalid MAC address {text:?}"))?;
-    bytes
-        .try_into()
-        .map_err(|_| format!("invalid MAC address {text:?}"))
+    bytes.try_into().map_err(|_| format!("invalid MAC address {text:?}"))
 }
 
 /// `PATH[,ro][,id=ID]`; the path is everything before the first comma.
 fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
     let mut parts = spec.split(',');
-    let path = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or("the disk needs a path")?;
-    let mut disk = BlockConfig {
-        path: PathBuf::from(path),
-        read_only: false,
-        id: None,
-    };
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or("the disk needs a path")?;
+    let mut disk = BlockConfig { path: PathBuf::from(path), read_only: false, id: None };
     for option in parts {
         match option.split_once('=') {
             None if option == "ro" => disk.read_only = true,
             Some(("id", id)) => disk.id = Some(id.to_owned()),
-            _ => {
-                return Err(format!(
-                    "unknown disk option {option:?} (expected ro or id=ID)"
-                ))
-            }
+            _ => return Err(format!("unknown disk option {option:?} (expected ro or id=ID)")),
         }
     }
     Ok(disk)
@@ -122,10 +94,7 @@ fn parse_disk(spec: &str) -> Result<BlockConfig, String> {
 impl VmRunArgs {
     fn console(&self) -> ConsoleConfig {
         match self.console.as_str() {
-            "stdio" => ConsoleConfig {
-                output: ConsoleOutput::Stdout,
-                read_stdin: true,
-            },
+            "stdio" => ConsoleConfig { output: ConsoleOutput::Stdout, read_stdin: true },
             path => ConsoleConfig {
                 output: ConsoleOutput::File(PathBuf::from(path)),
                 read_stdin: false,
@@ -143,10 +112,10 @@ impl VmRunArgs {
             console: self.console(),
             disks: self.disks.clone(),
             nets: self.nets.clone(),
-            vsock: self.vsock_uds.clone().map(|uds_path| VsockConfig {
-                guest_cid: self.vsock_cid,
-                uds_path,
-            }),
+            vsock: self
+                .vsock_uds
+                .clone()
+                .map(|uds_path| VsockConfig { guest_cid: self.vsock_cid, uds_path }),
         }
     }
 }
@@ -187,16 +156,11 @@ mod tests {
     #[test]
     fn disk_specs() {
         let d = parse_disk("/a/b.img").unwrap();
-        assert_eq!(
-            (d.path, d.read_only, d.id),
-            (PathBuf::from("/a/b.img"), false, None)
-        );
+        assert_eq!((d.path, d.read_only, d.id), (PathBuf::from("/a/b.img"), false, None));
         let d = parse_disk("x.img,ro,id=root").unwrap();
         assert_eq!((d.read_only, d.id.as_deref()), (true, Some("root")));
         assert!(parse_disk("").is_err());
-        assert!(parse_disk("x.img,rw")
-            .unwrap_err()
-            .contains("unknown disk option"));
+        assert!(parse_disk("x.img,rw").unwrap_err().contains("unknown disk option"));
     }
 
     #[test]
@@ -205,15 +169,9 @@ mod tests {
         assert_eq!((n.tap_name.as_str(), n.mac), ("tap0", None));
         let n = parse_net("tap1,mac=02:00:00:aa:bb:0f").unwrap();
         assert_eq!(n.mac, Some([2, 0, 0, 0xaa, 0xbb, 0x0f]));
-        assert!(parse_net("tap1,mac=02:00:00:aa:bb")
-            .unwrap_err()
-            .contains("invalid MAC"));
-        assert!(parse_net("tap1,mac=02:00:00:aa:bb:xyz")
-            .unwrap_err()
-            .contains("invalid MAC"));
+        assert!(parse_net("tap1,mac=02:00:00:aa:bb").unwrap_err().contains("invalid MAC"));
+        assert!(parse_net("tap1,mac=02:00:00:aa:bb:xyz").unwrap_err().contains("invalid MAC"));
         assert!(parse_net("").is_err());
-        assert!(parse_net("tap0,mtu=9000")
-            .unwrap_err()
-            .contains("unknown network option"));
+        assert!(parse_net("tap0,mtu=9000").unwrap_err().contains("unknown network option"));
     }
 }

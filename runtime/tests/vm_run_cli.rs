@@ -7,9 +7,7 @@ use husk_tests::tiny_guest::{elf_image, Asm, TempDir, COM1};
 
 fn husk() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_husk"));
-    cmd.env_remove("HUSK_KERNEL")
-        .env_remove("HUSK_INITRD")
-        .stdin(Stdio::null());
+    cmd.env_remove("HUSK_KERNEL").env_remove("HUSK_INITRD").stdin(Stdio::null());
     cmd
 }
 
@@ -23,9 +21,7 @@ fn stderr(out: &Output) -> String {
 
 fn hello_and_reset() -> Vec<u8> {
     let mut a = Asm::new();
-    a.mov_dx(COM1)
-        .print(b"hello from the guest\n")
-        .i8042_reset();
+    a.mov_dx(COM1).print(b"hello from the guest\n").i8042_reset();
     elf_image(a.code())
 }
 
@@ -33,14 +29,9 @@ fn hello_and_reset() -> Vec<u8> {
 fn guest_reset_exits_zero_with_console_on_stdout() {
     let dir = TempDir::new("cli-reset");
     let kernel = dir.write("k.elf", &hello_and_reset());
-    let out = run(husk()
-        .args(["vm", "run", "--mem-mib", "32", "--kernel"])
-        .arg(&kernel));
+    let out = run(husk().args(["vm", "run", "--mem-mib", "32", "--kernel"]).arg(&kernel));
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello from the guest\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the guest\n");
 }
 
 #[test]
@@ -55,10 +46,7 @@ fn kernel_and_initrd_come_from_the_environment() {
         .env("HUSK_KERNEL", &kernel)
         .env("HUSK_INITRD", &initrd));
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
-    assert_eq!(
-        std::fs::read_to_string(&console).unwrap(),
-        "hello from the guest\n"
-    );
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "hello from the guest\n");
     assert!(out.stdout.is_empty());
 }
 
@@ -68,15 +56,9 @@ fn triple_fault_exits_non_zero_with_a_message() {
     let mut a = Asm::new();
     a.lidt_empty().ud2();
     let kernel = dir.write("k.elf", &elf_image(a.code()));
-    let out = run(husk()
-        .args(["vm", "run", "--mem-mib", "32", "--kernel"])
-        .arg(&kernel));
+    let out = run(husk().args(["vm", "run", "--mem-mib", "32", "--kernel"]).arg(&kernel));
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("guest crashed: triple fault"),
-        "stderr: {}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("guest crashed: triple fault"), "stderr: {}", stderr(&out));
 }
 
 #[test]
@@ -126,9 +108,7 @@ fn kernel_flag_is_required() {
 fn a_file_that_is_not_a_kernel_is_refused() {
     let dir = TempDir::new("cli-not-kernel");
     let junk = dir.write("junk", &[0x5a; 4096]);
-    let out = run(husk()
-        .args(["vm", "run", "--mem-mib", "32", "--kernel"])
-        .arg(&junk));
+    let out = run(husk().args(["vm", "run", "--mem-mib", "32", "--kernel"]).arg(&junk));
     assert_fails_with(&out, "is not a kernel");
 }
 
@@ -137,15 +117,7 @@ fn missing_initrd_is_a_clear_error() {
     let dir = TempDir::new("cli-no-initrd");
     let kernel = dir.write("k.elf", &hello_and_reset());
     let out = run(husk()
-        .args([
-            "vm",
-            "run",
-            "--mem-mib",
-            "32",
-            "--initrd",
-            "/nonexistent/initrd",
-            "--kernel",
-        ])
+        .args(["vm", "run", "--mem-mib", "32", "--initrd", "/nonexistent/initrd", "--kernel"])
         .arg(&kernel));
     assert_fails_with(&out, "cannot read initramfs /nonexistent/initrd");
 }
@@ -168,14 +140,10 @@ fn memory_sizes_out_of_range_are_refused() {
     let dir = TempDir::new("cli-mem");
     let kernel = dir.write("k.elf", &hello_and_reset());
     for mib in ["0", "8", "999999999"] {
-        let out = run(husk()
-            .args(["vm", "run", "--mem-mib", mib, "--kernel"])
-            .arg(&kernel));
+        let out = run(husk().args(["vm", "run", "--mem-mib", mib, "--kernel"]).arg(&kernel));
         assert_fails_with(&out, &format!("guest memory of {mib} MiB is out of range"));
     }
-    let out = run(husk()
-        .args(["vm", "run", "--mem-mib", "lots", "--kernel"])
-        .arg(&kernel));
+    let out = run(husk().args(["vm", "run", "--mem-mib", "lots", "--kernel"]).arg(&kernel));
     assert_fails_with(&out, "invalid value 'lots'");
 }
 
@@ -183,9 +151,8 @@ fn memory_sizes_out_of_range_are_refused() {
 fn vcpu_counts_out_of_range_are_refused() {
     let dir = TempDir::new("cli-vcpus");
     let kernel = dir.write("k.elf", &hello_and_reset());
-    let out = run(husk()
-        .args(["vm", "run", "--mem-mib", "32", "--vcpus", "0", "--kernel"])
-        .arg(&kernel));
+    let out =
+        run(husk().args(["vm", "run", "--mem-mib", "32", "--vcpus", "0", "--kernel"]).arg(&kernel));
     assert_fails_with(&out, "0 vCPUs is out of range");
     let out = run(husk()
         .args(["vm", "run", "--mem-mib", "32", "--vcpus", "33", "--kernel"])
@@ -212,15 +179,7 @@ fn missing_dev_kvm_is_a_clear_error() {
             "mount -t tmpfs none /dev && exec \"$0\" \"$@\"",
         ])
         .arg(env!("CARGO_BIN_EXE_husk"))
-        .args([
-            "vm",
-            "run",
-            "--mem-mib",
-            "32",
-            "--console",
-            "/proc/self/fd/2",
-            "--kernel",
-        ])
+        .args(["vm", "run", "--mem-mib", "32", "--console", "/proc/self/fd/2", "--kernel"])
         .arg(&kernel));
     assert_fails_with(&out, "/dev/kvm does not exist");
 }
@@ -232,25 +191,13 @@ fn no_permission_on_dev_kvm_is_a_clear_error() {
     let binary = dir.path().join("husk");
     std::fs::copy(env!("CARGO_BIN_EXE_husk"), &binary).unwrap();
     for path in [dir.path(), binary.as_path(), kernel.as_path()] {
-        let mode = if path.is_dir() || path == binary {
-            0o755
-        } else {
-            0o644
-        };
+        let mode = if path.is_dir() || path == binary { 0o755 } else { 0o644 };
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     }
     let out = run(Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
         .arg(&binary)
-        .args([
-            "vm",
-            "run",
-            "--mem-mib",
-            "32",
-            "--console",
-            "/dev/null",
-            "--kernel",
-        ])
+        .args(["vm", "run", "--mem-mib", "32", "--console", "/dev/null", "--kernel"])
         .arg(&kernel));
     assert_fails_with(&out, "permission denied opening /dev/kvm");
 }
@@ -260,15 +207,7 @@ fn bad_disks_are_clear_errors() {
     let dir = TempDir::new("cli-disk");
     let kernel = dir.write("k.elf", &hello_and_reset());
     let out = run(husk()
-        .args([
-            "vm",
-            "run",
-            "--mem-mib",
-            "32",
-            "--disk",
-            "/nonexistent/disk.img",
-            "--kernel",
-        ])
+        .args(["vm", "run", "--mem-mib", "32", "--disk", "/nonexistent/disk.img", "--kernel"])
         .arg(&kernel));
     assert_fails_with(&out, "/nonexistent/disk.img");
     let out = run(husk()
@@ -278,15 +217,7 @@ fn bad_disks_are_clear_errors() {
         .arg(&kernel));
     assert_fails_with(&out, "is neither a regular file nor a block device");
     let out = run(husk()
-        .args([
-            "vm",
-            "run",
-            "--mem-mib",
-            "32",
-            "--disk",
-            "x.img,fast",
-            "--kernel",
-        ])
+        .args(["vm", "run", "--mem-mib", "32", "--disk", "x.img,fast", "--kernel"])
         .arg(&kernel));
     assert_fails_with(&out, "unknown disk option");
 }
@@ -296,31 +227,14 @@ fn bad_taps_are_clear_errors() {
     let dir = TempDir::new("cli-net");
     let kernel = dir.write("k.elf", &hello_and_reset());
     let out = run(husk()
-        .args([
-            "vm",
-            "run",
-            "--mem-mib",
-            "32",
-            "--net",
-            "a-tap-name-far-too-long",
-            "--kernel",
-        ])
+        .args(["vm", "run", "--mem-mib", "32", "--net", "a-tap-name-far-too-long", "--kernel"])
         .arg(&kernel));
     assert_fails_with(&out, "a-tap-name-far-too-long");
-    let out = run(husk()
-        .args(["vm", "run", "--mem-mib", "32", "--net", "lo", "--kernel"])
-        .arg(&kernel));
+    let out =
+        run(husk().args(["vm", "run", "--mem-mib", "32", "--net", "lo", "--kernel"]).arg(&kernel));
     assert_fails_with(&out, "lo");
     let out = run(husk()
-        .args([
-            "vm",
-            "run",
-            "--mem-mib",
-            "32",
-            "--net",
-            "tap0,mac=zz",
-            "--kernel",
-        ])
+        .args(["vm", "run", "--mem-mib", "32", "--net", "tap0,mac=zz", "--kernel"])
         .arg(&kernel));
     assert_fails_with(&out, "invalid MAC address");
 }
@@ -330,14 +244,10 @@ fn a_tap_husk_created_is_gone_after_the_vm_ends() {
     let dir = TempDir::new("cli-tap-gone");
     let kernel = dir.write("k.elf", &hello_and_reset());
     let tap = format!("hkcli{}", std::process::id() % 100_000);
-    let out = run(husk()
-        .args(["vm", "run", "--mem-mib", "32", "--net", &tap, "--kernel"])
-        .arg(&kernel));
+    let out =
+        run(husk().args(["vm", "run", "--mem-mib", "32", "--net", &tap, "--kernel"]).arg(&kernel));
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
-    assert!(
-        !std::path::Path::new("/sys/class/net").join(&tap).exists(),
-        "tap {tap} left behind"
-    );
+    assert!(!std::path::Path::new("/sys/class/net").join(&tap).exists(), "tap {tap} left behind");
 }
 
 #[test]
@@ -373,8 +283,5 @@ fn vsock_socket_errors_are_clear_and_the_socket_is_removed() {
         .arg("--kernel")
         .arg(&kernel));
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
-    assert!(
-        !uds.exists(),
-        "the vsock socket is removed when the VM ends"
-    );
+    assert!(!uds.exists(), "the vsock socket is removed when the VM ends");
 }

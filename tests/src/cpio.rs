@@ -67,9 +67,7 @@ mod tests {
 
     #[test]
     fn cpio_tool_reads_it_back() {
-        let archive = Cpio::new()
-            .file("test.sh", 0o755, b"#!/bin/sh\necho hi\n")
-            .finish();
+        let archive = Cpio::new().file("test.sh", 0o755, b"#!/bin/sh\necho hi\n").finish();
         assert_eq!(archive.len() % 4, 0);
         let mut child = std::process::Command::new("cpio")
             .args(["-t", "-v", "--quiet"])
@@ -82,9 +80,6 @@ mod tests {
         let out = child.wait_with_output().unwrap();
         let listing = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success());
-        assert!(
-            listing.contains("-rwxr-xr-x") && listing.contains("test.sh"),
-            "{listing}"
-        );
+        assert!(listing.contains("-rwxr-xr-x") && listing.contains("test.sh"), "{listing}");
     }
 }

@@ -289,9 +289,6 @@ mod tests {
         let elf = elf_image(&[0x90, 0xf4]);
         assert_eq!(&elf[..4], b"\x7fELF");
         assert_eq!(&elf[0x1000..], &[0x90, 0xf4]);
-        assert_eq!(
-            u64::from_le_bytes(elf[24..32].try_into().unwrap()),
-            LOAD_ADDR
-        );
+        assert_eq!(u64::from_le_bytes(elf[24..32].try_into().unwrap()), LOAD_ADDR);
     }
 }

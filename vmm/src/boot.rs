@@ -40,11 +40,7 @@ pub enum BootError {
     },
     /// The file is neither format husk boots.
     #[error("{path} is not a kernel: not an ELF vmlinux ({elf}) and not a bzImage ({bzimage})")]
-    NotAKernel {
-        path: PathBuf,
-        elf: loader::Error,
-        bzimage: loader::Error,
-    },
+    NotAKernel { path: PathBuf, elf: loader::Error, bzimage: loader::Error },
     /// The kernel is of a known format but cannot be loaded (too large, bad addresses...).
     #[error("cannot load kernel {path}: {source}")]
     KernelLoad {
@@ -100,10 +96,7 @@ pub struct LoadedInitrd {
 /// Load the kernel at `path`: an ELF vmlinux (entered at its ELF entry point, which is
 /// `startup_64`) or else a bzImage (entered 0x200 bytes into its protected-mode code).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let open_err = |source| BootError::KernelOpen {
-        path: path.to_owned(),
-        source,
-    };
+    let open_err = |source| BootError::KernelOpen { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(open_err)?;
     if file.metadata().map_err(open_err)?.is_dir() {
         return Err(open_err(std::io::Error::from_raw_os_error(libc::EISDIR)));
@@ -118,12 +111,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             })
         }
         Err(e @ loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => e,
-        Err(source) => {
-            return Err(BootError::KernelLoad {
-                path: path.to_owned(),
-                source,
-            })
-        }
+        Err(source) => return Err(BootError::KernelLoad { path: path.to_owned(), source }),
     };
     match BzImage::load(mem, None, &mut file, himem) {
         Ok(result) => Ok(LoadedKernel {
@@ -132,16 +120,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             setup_header: result.setup_header,
         }),
         Err(bz_err @ loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
-            Err(BootError::NotAKernel {
-                path: path.to_owned(),
-                elf: elf_err,
-                bzimage: bz_err,
-            })
+            Err(BootError::NotAKernel { path: path.to_owned(), elf: elf_err, bzimage: bz_err })
         }
-        Err(source) => Err(BootError::KernelLoad {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(source) => Err(BootError::KernelLoad { path: path.to_owned(), source }),
     }
 }
 
@@ -153,10 +134,7 @@ pub fn load_initrd(
     kernel_end: u64,
     path: &Path,
 ) -> Result<LoadedInitrd, BootError> {
-    let read_err = |source| BootError::InitrdRead {
-        path: path.to_owned(),
-        source,
-    };
+    let read_err = |source| BootError::InitrdRead { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     if !meta.is_file() {
@@ -168,27 +146,17 @@ pub fn load_initrd(
         .checked_sub(size)
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= kernel_end.max(HIMEM_START))
-        .ok_or_else(|| BootError::InitrdTooLarge {
-            path: path.to_owned(),
-            size,
-        })?;
+        .ok_or_else(|| BootError::InitrdTooLarge { path: path.to_owned(), size })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|source| BootError::InitrdLoad {
-            path: path.to_owned(),
-            source,
-        })?;
-    Ok(LoadedInitrd {
-        addr: GuestAddress(addr),
-        size,
-    })
+        .map_err(|source| BootError::InitrdLoad { path: path.to_owned(), source })?;
+    Ok(LoadedInitrd { addr: GuestAddress(addr), size })
 }
 
 /// Write `cmdline` at its fixed address; returns its length without the terminating NUL.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &Cmdline) -> Result<usize, BootError> {
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::Cmdline)?;
-    let len = cmdline
-        .as_cstring()
-        .map_err(|_| BootError::Cmdline(loader::Error::InvalidCommandLine))?;
+    let len =
+        cmdline.as_cstring().map_err(|_| BootError::Cmdline(loader::Error::InvalidCommandLine))?;
     Ok(len.as_bytes().len())
 }
 
@@ -216,15 +184,10 @@ pub fn write_zero_page(
     }
     let ranges = e820_ram_ranges(mem_size);
     for (slot, (addr, size)) in params.e820_table.iter_mut().zip(&ranges) {
-        *slot = boot_e820_entry {
-            addr: *addr,
-            size: *size,
-            r#type: E820_RAM,
-        };
+        *slot = boot_e820_entry { addr: *addr, size: *size, r#type: E820_RAM };
     }
     params.e820_entries = ranges.len() as u8;
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
-        .map_err(BootError::ZeroPage)
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START)).map_err(BootError::ZeroPage)
 }
 
 #[cfg(test)]
@@ -284,15 +247,9 @@ mod tests {
         cmdline.insert_str("console=ttyS0 panic=1").unwrap();
         let len = write_cmdline(&m, &cmdline).unwrap();
         assert_eq!(len, "console=ttyS0 panic=1".len());
-        let kernel = LoadedKernel {
-            entry: GuestAddress(0x100_0000),
-            end: 0x200_0000,
-            setup_header: None,
-        };
-        let initrd = LoadedInitrd {
-            addr: GuestAddress(0x300_0000),
-            size: 1234,
-        };
+        let kernel =
+            LoadedKernel { entry: GuestAddress(0x100_0000), end: 0x200_0000, setup_header: None };
+        let initrd = LoadedInitrd { addr: GuestAddress(0x300_0000), size: 1234 };
         write_zero_page(&m, 64 << 20, &kernel, len, Some(initrd)).unwrap();
         let params: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ params.hdr.header }, HDR_MAGIC);

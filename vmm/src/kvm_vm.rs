@@ -69,25 +69,16 @@ impl KvmVm {
             libc::EACCES | libc::EPERM => KvmError::KvmPermission,
             _ => KvmError::KvmOpen(e),
         })?;
-        if let Some((_, name)) = REQUIRED_CAPS
-            .iter()
-            .find(|(cap, _)| !kvm.check_extension(*cap))
-        {
+        if let Some((_, name)) = REQUIRED_CAPS.iter().find(|(cap, _)| !kvm.check_extension(*cap)) {
             return Err(KvmError::MissingCap(name));
         }
         let fd = kvm.create_vm().map_err(ioctl_err("create a VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(ioctl_err("set the TSS address"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(ioctl_err("set the TSS address"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(ioctl_err("set the identity map address"))?;
-        fd.create_irq_chip()
-            .map_err(ioctl_err("create the in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(ioctl_err("create the in-kernel PIT"))?;
+        fd.create_irq_chip().map_err(ioctl_err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(ioctl_err("create the in-kernel PIT"))?;
         Ok(KvmVm { kvm, fd })
     }
 
@@ -95,10 +86,7 @@ impl KvmVm {
     pub fn check_vcpu_count(&self, count: u8) -> Result<(), KvmError> {
         let max = self.kvm.get_max_vcpus();
         if usize::from(count) > max {
-            return Err(KvmError::TooManyVcpus {
-                requested: count,
-                max,
-            });
+            return Err(KvmError::TooManyVcpus { requested: count, max });
         }
         Ok(())
     }
@@ -109,11 +97,10 @@ impl KvmVm {
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host_addr =
-                mem.get_host_address(region.start_addr())
-                    .map_err(|_| KvmError::Ioctl {
-                        what: "find a memory region",
-                        source: kvm_ioctls::Error::new(libc::EFAULT),
-                    })?;
+                mem.get_host_address(region.start_addr()).map_err(|_| KvmError::Ioctl {
+                    what: "find a memory region",
+                    source: kvm_ioctls::Error::new(libc::EFAULT),
+                })?;
             let slot_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -131,9 +118,7 @@ impl KvmVm {
 
     /// Make writes to `evt` raise interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), KvmError> {
-        self.fd
-            .register_irqfd(evt, gsi)
-            .map_err(ioctl_err("register an irqfd"))
+        self.fd.register_irqfd(evt, gsi).map_err(ioctl_err("register an irqfd"))
     }
 
     /// Make guest writes of `datamatch` (32 bits) to MMIO address `addr` signal `evt` without an
@@ -151,9 +136,7 @@ impl KvmVm {
 
     /// Create vCPU `id`.
     pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, KvmError> {
-        self.fd
-            .create_vcpu(u64::from(id))
-            .map_err(ioctl_err("create a vCPU"))
+        self.fd.create_vcpu(u64::from(id)).map_err(ioctl_err("create a vCPU"))
     }
 
     /// The CPUID entries KVM supports on this host.

@@ -58,10 +58,7 @@ mod tests {
                 .unwrap();
         assert_eq!(mem.num_regions(), 2);
         mem.write_obj(7u32, GuestAddress((1 << 32) + 16)).unwrap();
-        assert_eq!(
-            mem.read_obj::<u32>(GuestAddress((1 << 32) + 16)).unwrap(),
-            7
-        );
+        assert_eq!(mem.read_obj::<u32>(GuestAddress((1 << 32) + 16)).unwrap(), 7);
         assert!(mem.read_obj::<u32>(GuestAddress(2 << 20)).is_err());
     }
 

@@ -174,16 +174,13 @@ impl VmBuilder {
         {
             let locked = device.lock().unwrap_or_else(|e| e.into_inner());
             for (index, evt) in locked.queue_events().iter().enumerate() {
-                self.vm
-                    .register_mmio_ioevent(evt, base + NOTIFY_REG_OFFSET, index as u32)?;
+                self.vm.register_mmio_ioevent(evt, base + NOTIFY_REG_OFFSET, index as u32)?;
             }
         }
         let transport = MmioTransport::new(self.mem.clone(), device.clone());
-        self.mmio
-            .insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
         self.event_manager.add_subscriber(device);
-        self.cmdline
-            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)?;
+        self.cmdline.add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)?;
         self.virtio_devices += 1;
         Ok(())
     }
@@ -221,15 +218,7 @@ impl MicroVm {
             builder.cmdline.insert_str(config.extra_cmdline.trim())?;
         }
 
-        let VmBuilder {
-            vm,
-            mem,
-            pio,
-            mmio,
-            mut event_manager,
-            cmdline,
-            ..
-        } = builder;
+        let VmBuilder { vm, mem, pio, mmio, mut event_manager, cmdline, .. } = builder;
         let entry = load_guest(&mem, config, &cmdline)?;
 
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
@@ -244,10 +233,7 @@ impl MicroVm {
         let (vcpu_stops, stops_rx) = mpsc::channel();
         let vcpu_stop_evt = eventfd()?;
         let host_stop_evt = eventfd()?;
-        let clone = |evt: &EventFd| {
-            evt.try_clone()
-                .map_err(|e| VmmError::EventLoop(e.to_string()))
-        };
+        let clone = |evt: &EventFd| evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()));
         let exit_monitor = Arc::new(Mutex::new(ExitMonitor {
             reset_evt,
             vcpu_stop_evt: clone(&vcpu_stop_evt)?,
@@ -282,10 +268,8 @@ impl MicroVm {
         let mut start_error = None;
         for vcpu in std::mem::take(&mut self.vcpus) {
             let stops = self.vcpu_stops.clone();
-            let evt = self
-                .vcpu_stop_evt
-                .try_clone()
-                .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+            let evt =
+                self.vcpu_stop_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
             match vcpu.start(self.stop.clone(), move |id, end| {
                 let _ = stops.send((id, end));
                 let _ = evt.write(1);
@@ -309,15 +293,9 @@ impl MicroVm {
 
     fn run_event_loop(&mut self) -> Result<GuestExit, VmmError> {
         loop {
-            self.event_manager
-                .run()
-                .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
-            if let Some(outcome) = self
-                .exit_monitor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .outcome
-                .take()
+            self.event_manager.run().map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+            if let Some(outcome) =
+                self.exit_monitor.lock().unwrap_or_else(|e| e.into_inner()).outcome.take()
             {
                 return outcome;
             }
@@ -359,14 +337,9 @@ fn attach_legacy_devices(
     )));
     builder.pio.insert(0x3f8, 8, console.clone())?;
     if config.console.read_stdin {
-        let stdin = std::io::stdin()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(clone_err)?;
+        let stdin = std::io::stdin().as_fd().try_clone_to_owned().map_err(clone_err)?;
         let input = SerialInput::new(console, File::from(stdin), fifo_drained);
-        builder
-            .event_manager
-            .add_subscriber(Arc::new(Mutex::new(input)));
+        builder.event_manager.add_subscriber(Arc::new(Mutex::new(input)));
     }
 
     let i8042 = I8042::new(stop.clone(), reset_evt.try_clone().map_err(clone_err)?);
@@ -374,11 +347,7 @@ fn attach_legacy_devices(
 
     let timer = BootTimer::new(start);
     let boot_time = timer.boot_time();
-    builder.mmio.insert(
-        BOOT_TIMER_START,
-        BOOT_TIMER_SIZE,
-        Arc::new(Mutex::new(timer)),
-    )?;
+    builder.mmio.insert(BOOT_TIMER_START, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
     Ok(boot_time)
 }
 
@@ -392,12 +361,10 @@ fn console_output(output: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmmEr
                 .map_err(|e| VmmError::EventLoop(format!("cannot duplicate stdout: {e}")))?;
             Box::new(File::from(fd))
         }
-        ConsoleOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| VmmError::Console {
-                path: path.clone(),
-                source,
-            })?)
-        }
+        ConsoleOutput::File(path) => Box::new(
+            File::create(path)
+                .map_err(|source| VmmError::Console { path: path.clone(), source })?,
+        ),
         ConsoleOutput::Discard => Box::new(std::io::sink()),
     })
 }
@@ -411,12 +378,7 @@ fn load_guest(
 ) -> Result<GuestAddress, VmmError> {
     let kernel = boot::load_kernel(mem, &config.kernel)?;
     let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(
-            mem,
-            config.mem_bytes(),
-            kernel.end,
-            path,
-        )?),
+        Some(path) => Some(boot::load_initrd(mem, config.mem_bytes(), kernel.end, path)?),
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, cmdline)?;

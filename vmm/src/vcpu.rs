@@ -70,12 +70,7 @@ pub struct Vcpu {
 impl Vcpu {
     /// Create vCPU `id` serving its exits from `pio` and `mmio`.
     pub fn new(vm: &KvmVm, id: u8, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Self, VcpuError> {
-        Ok(Vcpu {
-            id,
-            fd: vm.create_vcpu(id)?,
-            pio,
-            mmio,
-        })
+        Ok(Vcpu { id, fd: vm.create_vcpu(id)?, pio, mmio })
     }
 
     fn ioctl_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -88,17 +83,12 @@ impl Vcpu {
     pub fn configure(&self, vm: &KvmVm, entry: GuestAddress, count: u8) -> Result<(), VcpuError> {
         let mut cpuid = vm.supported_cpuid()?;
         cpuid::filter_cpuid(&mut cpuid, self.id, count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(self.ioctl_err("CPUID"))?;
+        self.fd.set_cpuid2(&cpuid).map_err(self.ioctl_err("CPUID"))?;
 
         let msrs = msr::boot_msrs();
         let set = self.fd.set_msrs(&msrs).map_err(self.ioctl_err("MSRs"))?;
         if set != msrs.as_slice().len() {
-            return Err(VcpuError::Msrs {
-                set,
-                wanted: msrs.as_slice().len(),
-            });
+            return Err(VcpuError::Msrs { set, wanted: msrs.as_slice().len() });
         }
         regs::setup_regs(&self.fd, entry)?;
         regs::setup_fpu(&self.fd)?;
@@ -106,9 +96,7 @@ impl Vcpu {
 
         let mut lapic_state = self.fd.get_lapic().map_err(self.ioctl_err("LAPIC"))?;
         lapic::set_lint(&mut lapic_state);
-        self.fd
-            .set_lapic(&lapic_state)
-            .map_err(self.ioctl_err("LAPIC"))?;
+        self.fd.set_lapic(&lapic_state).map_err(self.ioctl_err("LAPIC"))?;
         Ok(())
     }
 

@@ -48,10 +48,7 @@ fn console(dir: &TempDir) -> String {
 /// found through the zero page, writes the boot timer and resets.
 fn boot_checks_program() -> Vec<u8> {
     let mut a = Asm::new();
-    a.mov_ecx(0xc000_0080)
-        .rdmsr()
-        .and_eax(1 << 10)
-        .cmp_eax(1 << 10);
+    a.mov_ecx(0xc000_0080).rdmsr().and_eax(1 << 10).cmp_eax(1 << 10);
     let not_long_mode = a.jnz();
     a.mov_rax_cr0().and_eax(0x8000_0001).cmp_eax(0x8000_0001);
     let no_paging = a.jnz();
@@ -82,19 +79,10 @@ fn boots_in_long_mode_prints_and_resets() {
     assert_eq!(outcome.exit, GuestExit::Reset);
     let out = console(&dir);
     assert!(out.contains("LONG MODE OK\n"), "console: {out:?}");
-    let cmdline = out
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdline: "))
-        .expect("cmdline printed");
+    let cmdline = out.lines().find_map(|l| l.strip_prefix("cmdline: ")).expect("cmdline printed");
     assert!(cmdline.starts_with("console=ttyS0 reboot=k"), "{cmdline}");
-    assert!(
-        cmdline.ends_with("husk.test=tiny"),
-        "the extra command line is appended: {cmdline}"
-    );
-    assert!(
-        outcome.boot_time.is_some(),
-        "the boot timer write was recorded"
-    );
+    assert!(cmdline.ends_with("husk.test=tiny"), "the extra command line is appended: {cmdline}");
+    assert!(outcome.boot_time.is_some(), "the boot timer write was recorded");
 }
 
 #[test]
@@ -162,28 +150,15 @@ fn guest_reads_the_virtio_mmio_registers_of_a_disk() {
     for _ in 0..4 {
         a.out_dx_al().shr_eax(8);
     }
-    a.mov_eax_at_rbx(0x04)
-        .and_eax(0xff)
-        .add_al(b'0')
-        .out_dx_al();
-    a.mov_eax_at_rbx(0x08)
-        .and_eax(0xff)
-        .add_al(b'0')
-        .out_dx_al();
+    a.mov_eax_at_rbx(0x04).and_eax(0xff).add_al(b'0').out_dx_al();
+    a.mov_eax_at_rbx(0x08).and_eax(0xff).add_al(b'0').out_dx_al();
     a.i8042_reset();
     let mut cfg = config(&dir, a.code());
-    cfg.disks = vec![vmm::devices::virtio::block::BlockConfig {
-        path: disk,
-        read_only: true,
-        id: None,
-    }];
+    cfg.disks =
+        vec![vmm::devices::virtio::block::BlockConfig { path: disk, read_only: true, id: None }];
     let outcome = run(&cfg).expect("tiny guest runs");
     assert_eq!(outcome.exit, GuestExit::Reset);
-    assert_eq!(
-        console(&dir),
-        "virt22",
-        "magic, version 2, device id 2 (block)"
-    );
+    assert_eq!(console(&dir), "virt22", "magic, version 2, device id 2 (block)");
 }
 
 /// A KVM VM assembled from the VMM's parts, with `code` loaded at the entry point.
@@ -205,10 +180,7 @@ fn run_until_reset(vm: &vmm::kvm_vm::KvmVm, mmio: vmm::devices::bus::Bus) {
     pio.insert(
         0x60,
         5,
-        Arc::new(Mutex::new(vmm::devices::legacy::I8042::new(
-            stop.clone(),
-            reset_evt,
-        ))),
+        Arc::new(Mutex::new(vmm::devices::legacy::I8042::new(stop.clone(), reset_evt))),
     )
     .unwrap();
     let mut vcpu = vmm::vcpu::Vcpu::new(vm, 0, Arc::new(pio), Arc::new(mmio)).unwrap();
@@ -246,15 +218,8 @@ fn mmio_exits_reach_the_bus_and_ioeventfd_short_circuits_them() {
     mmio.insert(DEV, 0x1000, log.clone()).unwrap();
     run_until_reset(&vm, mmio);
 
-    assert_eq!(
-        notify.read().unwrap(),
-        1,
-        "the matching write signalled the ioeventfd"
-    );
-    assert_eq!(
-        log.lock().unwrap().0,
-        vec![(0, vec![]), (0x50, 1u32.to_le_bytes().to_vec())]
-    );
+    assert_eq!(notify.read().unwrap(), 1, "the matching write signalled the ioeventfd");
+    assert_eq!(log.lock().unwrap().0, vec![(0, vec![]), (0x50, 1u32.to_le_bytes().to_vec())]);
 }
 
 #[test]

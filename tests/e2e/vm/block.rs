@@ -5,15 +5,8 @@ use husk_tests::guest::GuestVm;
 
 /// The file's SHA-256, from the host's sha256sum.
 fn host_sha256(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum runs");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a digest")
-        .to_owned()
+    let out = std::process::Command::new("sha256sum").arg(path).output().expect("sha256sum runs");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("a digest").to_owned()
 }
 
 /// The pattern the guest writes: `husk-block-NNNNNN\n` lines, 1 MiB of them.
@@ -45,34 +38,19 @@ fn guest_writes_reach_the_image_file() {
         )
         .run();
     result.assert_success();
-    assert_eq!(
-        result.value("written"),
-        result.value("readback"),
-        "{result:#?}"
-    );
+    assert_eq!(result.value("written"), result.value("readback"), "{result:#?}");
     let file = std::fs::read(&image).unwrap();
-    assert_eq!(
-        &file[1 << 20..2 << 20],
-        pattern().as_slice(),
-        "the host sees what the guest wrote"
-    );
-    assert!(
-        file[..1 << 20].iter().all(|&b| b == 0),
-        "nothing written before the range"
-    );
-    assert!(
-        file[2 << 20..].iter().all(|&b| b == 0),
-        "nothing written after the range"
-    );
+    assert_eq!(&file[1 << 20..2 << 20], pattern().as_slice(), "the host sees what the guest wrote");
+    assert!(file[..1 << 20].iter().all(|&b| b == 0), "nothing written before the range");
+    assert!(file[2 << 20..].iter().all(|&b| b == 0), "nothing written after the range");
 }
 
 #[test]
 fn read_only_disk_refuses_writes_and_its_file_is_unchanged() {
     let guest = GuestVm::new("e2e-block-ro");
     let image = guest.dir().join("ro.img");
-    let content: Vec<u8> = (0..2u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
+    let content: Vec<u8> =
+        (0..2u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     std::fs::write(&image, &content).unwrap();
     let before = std::fs::metadata(&image).unwrap().modified().unwrap();
     let result = guest
@@ -86,23 +64,8 @@ fn read_only_disk_refuses_writes_and_its_file_is_unchanged() {
         .run();
     result.assert_success();
     assert_eq!(result.value("ro").as_deref(), Some("1"), "{result:#?}");
-    assert_eq!(
-        result.value("write").as_deref(),
-        Some("refused"),
-        "{result:#?}"
-    );
-    assert_eq!(
-        std::fs::read(&image).unwrap(),
-        content,
-        "the file is unchanged"
-    );
-    assert_eq!(
-        std::fs::metadata(&image).unwrap().modified().unwrap(),
-        before
-    );
-    assert_eq!(
-        result.value("sha"),
-        Some(host_sha256(&image)),
-        "the guest read the file's bytes"
-    );
+    assert_eq!(result.value("write").as_deref(), Some("refused"), "{result:#?}");
+    assert_eq!(std::fs::read(&image).unwrap(), content, "the file is unchanged");
+    assert_eq!(std::fs::metadata(&image).unwrap().modified().unwrap(), before);
+    assert_eq!(result.value("sha"), Some(host_sha256(&image)), "the guest read the file's bytes");
 }

@@ -42,11 +42,7 @@ fn sha256(bytes: &[u8]) -> String {
         .expect("sha256sum runs");
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
 }
 
 #[test]
@@ -54,9 +50,8 @@ fn guest_and_host_exchange_ping_and_tcp_over_the_tap() {
     let tap = HostTap::create("hke2e0");
     let from_guest = TcpListener::bind((HOST_IP, 9000)).unwrap();
     let to_guest = TcpListener::bind((HOST_IP, 9001)).unwrap();
-    let payload: Vec<u8> = (0..TRANSFER_BYTES as u32)
-        .map(|i| (i.wrapping_mul(2_246_822_519) >> 13) as u8)
-        .collect();
+    let payload: Vec<u8> =
+        (0..TRANSFER_BYTES as u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 13) as u8).collect();
     let payload_sha = sha256(&payload);
 
     let receiver = std::thread::spawn(move || {
@@ -84,23 +79,11 @@ fn guest_and_host_exchange_ping_and_tcp_over_the_tap() {
         ))
         .run();
     result.assert_success();
-    assert_eq!(
-        result.value("mac").as_deref(),
-        Some("02:00:00:00:99:02"),
-        "{result:#?}"
-    );
+    assert_eq!(result.value("mac").as_deref(), Some("02:00:00:00:99:02"), "{result:#?}");
     assert_eq!(result.value("ping").as_deref(), Some("ok"), "{result:#?}");
     let received = receiver.join().unwrap();
     sender.join().unwrap();
     assert_eq!(received.len(), TRANSFER_BYTES);
-    assert_eq!(
-        result.value("sent"),
-        Some(sha256(&received)),
-        "guest to host over TCP"
-    );
-    assert_eq!(
-        result.value("received"),
-        Some(payload_sha),
-        "host to guest over TCP"
-    );
+    assert_eq!(result.value("sent"), Some(sha256(&received)), "guest to host over TCP");
+    assert_eq!(result.value("received"), Some(payload_sha), "host to guest over TCP");
 }

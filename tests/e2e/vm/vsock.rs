@@ -20,11 +20,7 @@ fn sha256(bytes: &[u8]) -> String {
         .expect("sha256sum runs");
     child.stdin.take().unwrap().write_all(bytes).unwrap();
     let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
 }
 
 fn payload(seed: u32) -> Vec<u8> {
@@ -38,9 +34,7 @@ fn payload(seed: u32) -> Vec<u8> {
 fn hybrid_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
     let mut stream =
         UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .unwrap();
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
     let mut line = Vec::new();
     let mut byte = [0u8];
     while !line.ends_with(b"\n") {
@@ -98,11 +92,7 @@ fn host_client_and_guest_listener_exchange_4_mib_each_way() {
     result.assert_success();
     assert_eq!(result.value("h2g"), Some(sha256(&data)), "host to guest");
     assert_eq!(received.len(), MIB4);
-    assert_eq!(
-        result.value("g2h"),
-        Some(sha256(&received)),
-        "guest to host"
-    );
+    assert_eq!(result.value("g2h"), Some(sha256(&received)), "guest to host");
 }
 
 #[test]
@@ -137,11 +127,7 @@ fn guest_client_and_host_listener_exchange_4_mib_each_way() {
     let received = receiver.join().unwrap();
     sender.join().unwrap();
     assert_eq!(received.len(), MIB4);
-    assert_eq!(
-        result.value("g2h"),
-        Some(sha256(&received)),
-        "guest to host"
-    );
+    assert_eq!(result.value("g2h"), Some(sha256(&received)), "guest to host");
     assert_eq!(result.value("h2g"), Some(expected_h2g), "host to guest");
 }
 
@@ -164,11 +150,7 @@ fn connections_to_ports_nobody_listens_on_are_refused_on_both_sides() {
     let started = Instant::now();
     let refused = hybrid_connect(&uds, 7777);
     let elapsed = started.elapsed();
-    assert_eq!(
-        refused.err().as_deref(),
-        Some(""),
-        "EOF without OK for a port nobody listens on"
-    );
+    assert_eq!(refused.err().as_deref(), Some(""), "EOF without OK for a port nobody listens on");
     assert!(
         elapsed < Duration::from_secs(2),
         "refused by the guest, not by the timeout: {elapsed:?}"

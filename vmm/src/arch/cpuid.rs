@@ -21,9 +21,7 @@ const LEVEL_CORE: u32 = 2;
 
 /// Bits needed to number `count` logical CPUs.
 fn id_bits(count: u8) -> u32 {
-    (u32::from(count.max(1)) - 1)
-        .checked_ilog2()
-        .map_or(0, |b| b + 1)
+    (u32::from(count.max(1)) - 1).checked_ilog2().map_or(0, |b| b + 1)
 }
 
 /// Patch `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `id` of `count`, all cores of one
@@ -79,11 +77,7 @@ mod tests {
     use kvm_bindings::kvm_cpuid_entry2;
 
     fn leaf(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, ..Default::default() }
     }
 
     #[test]

@@ -65,10 +65,7 @@ mod tests {
     fn code_segment_round_trips() {
         let seg = kvm_segment_from_gdt(gdt_entry(CODE64_FLAGS, 0, 0xfffff), 1);
         assert_eq!(seg.selector, 8);
-        assert_eq!(
-            (seg.l, seg.db, seg.g, seg.present, seg.s, seg.type_),
-            (1, 0, 1, 1, 1, 0xb)
-        );
+        assert_eq!((seg.l, seg.db, seg.g, seg.present, seg.s, seg.type_), (1, 0, 1, 1, 1, 0xb));
         assert_eq!(seg.limit, 0xffff_ffff);
         assert_eq!(seg.unusable, 0);
     }
@@ -79,10 +76,6 @@ mod tests {
         assert_eq!(base(entry), 0x1234_5678);
         assert_eq!(limit(entry), 0x67);
         assert_eq!(kvm_segment_from_gdt(0, 0).unusable, 1);
-        assert_eq!(
-            limit(gdt_entry(TSS_FLAGS, 0, 0x67)),
-            0x67fff,
-            "4 KiB granularity"
-        );
+        assert_eq!(limit(gdt_entry(TSS_FLAGS, 0, 0x67)), 0x67fff, "4 KiB granularity");
     }
 }

@@ -107,10 +107,7 @@ mod tests {
 
     #[test]
     fn small_guest_is_one_region() {
-        assert_eq!(
-            memory_regions(256 << 20),
-            vec![(GuestAddress(0), 256 << 20)]
-        );
+        assert_eq!(memory_regions(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
         assert_eq!(
             e820_ram_ranges(256 << 20),
             vec![(0, EBDA_START), (HIMEM_START, (256 << 20) - HIMEM_START)]
@@ -123,10 +120,7 @@ mod tests {
         let regions = memory_regions(size);
         assert_eq!(regions.len(), 2);
         assert_eq!(regions[0], (GuestAddress(0), MMIO_GAP_START as usize));
-        assert_eq!(
-            regions[1],
-            (GuestAddress(1 << 32), (size - MMIO_GAP_START) as usize)
-        );
+        assert_eq!(regions[1], (GuestAddress(1 << 32), (size - MMIO_GAP_START) as usize));
         let ram: u64 = e820_ram_ranges(size).iter().map(|r| r.1).sum();
         assert_eq!(ram, size - (HIMEM_START - EBDA_START));
     }

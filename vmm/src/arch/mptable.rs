@@ -35,10 +35,7 @@ pub enum MptableError {
 
 /// Two's complement of the byte sum, so that the structure sums to 0.
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
 
 fn processor_entry(apic_id: u8) -> Vec<u8> {
@@ -117,10 +114,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MptableError
     if cpus == 0 || table_addr + table.len() as u64 > EBDA_END {
         return Err(MptableError::TooManyCpus(cpus));
     }
-    mem.write_slice(
-        &floating_pointer(table_addr as u32),
-        GuestAddress(EBDA_START),
-    )?;
+    mem.write_slice(&floating_pointer(table_addr as u32), GuestAddress(EBDA_START))?;
     mem.write_slice(&table, GuestAddress(table_addr))?;
     Ok(())
 }
@@ -144,21 +138,16 @@ mod tests {
         assert_eq!(sum(&mpf), 0);
         let table_addr = u32::from_le_bytes(mpf[4..8].try_into().unwrap());
         let mut header = [0u8; 44];
-        mem.read_slice(&mut header, GuestAddress(u64::from(table_addr)))
-            .unwrap();
+        mem.read_slice(&mut header, GuestAddress(u64::from(table_addr))).unwrap();
         assert_eq!(&header[..4], b"PCMP");
         let len = u16::from_le_bytes([header[4], header[5]]) as usize;
         let mut table = vec![0u8; len];
-        mem.read_slice(&mut table, GuestAddress(u64::from(table_addr)))
-            .unwrap();
+        mem.read_slice(&mut table, GuestAddress(u64::from(table_addr))).unwrap();
         assert_eq!(sum(&table), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
         assert_eq!(count, 2 + 1 + 1 + 24 + 2);
         // The first processor entry is the bootstrap processor.
-        assert_eq!(
-            (table[44], table[45], table[47]),
-            (0, 0, CPU_ENABLED | CPU_BOOTSTRAP)
-        );
+        assert_eq!((table[44], table[45], table[47]), (0, 0, CPU_ENABLED | CPU_BOOTSTRAP));
         assert_eq!((table[64], table[65], table[67]), (0, 1, CPU_ENABLED));
     }
 
@@ -166,13 +155,7 @@ mod tests {
     fn max_vcpus_fit_and_more_do_not() {
         let mem = crate::memory::create_guest_memory(&[(GuestAddress(0), 1 << 20)]).unwrap();
         setup_mptable(&mem, MAX_VCPUS).unwrap();
-        assert!(matches!(
-            setup_mptable(&mem, 0),
-            Err(MptableError::TooManyCpus(0))
-        ));
-        assert!(matches!(
-            setup_mptable(&mem, 64),
-            Err(MptableError::TooManyCpus(64))
-        ));
+        assert!(matches!(setup_mptable(&mem, 0), Err(MptableError::TooManyCpus(0))));
+        assert!(matches!(setup_mptable(&mem, 64), Err(MptableError::TooManyCpus(64))));
     }
 }

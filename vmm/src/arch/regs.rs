@@ -51,11 +51,7 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), RegsError> {
 
 /// x87 control word and MXCSR as after reset.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(kvm_err("FPU state"))
 }
 
@@ -125,14 +121,8 @@ mod tests {
         write_boot_structures(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, PDPTE_START | 3);
-        let last_pde: u64 = mem
-            .read_obj(GuestAddress(PDE_START + 3 * 4096 + 511 * 8))
-            .unwrap();
-        assert_eq!(
-            last_pde,
-            (3 << 30) | (511 << 21) | 0x83,
-            "the top of the 4 GiB is mapped"
-        );
+        let last_pde: u64 = mem.read_obj(GuestAddress(PDE_START + 3 * 4096 + 511 * 8)).unwrap();
+        assert_eq!(last_pde, (3 << 30) | (511 << 21) | 0x83, "the top of the 4 GiB is mapped");
         let pdpte: u64 = mem.read_obj(GuestAddress(PDPTE_START + 3 * 8)).unwrap();
         assert_eq!(pdpte, (PDE_START + 3 * 4096) | 3);
         let code: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();

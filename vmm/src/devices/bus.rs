@@ -138,14 +138,10 @@ mod tests {
     #[test]
     fn rejects_unmapped_and_straddling_accesses() {
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Recorder::default())))
-            .unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Recorder::default()))).unwrap();
         let mut data = [0xaau8; 4];
         assert!(!bus.read(0xff, &mut data));
-        assert!(
-            !bus.read(0x10e, &mut data),
-            "access crossing the end of a device"
-        );
+        assert!(!bus.read(0x10e, &mut data), "access crossing the end of a device");
         assert!(!bus.write(0x110, &[1]));
         assert!(!bus.read(u64::MAX, &mut data));
         assert_eq!(data, [0xaa; 4]);
@@ -156,26 +152,11 @@ mod tests {
         let dev = || -> SharedBusDevice { Arc::new(Mutex::new(Recorder::default())) };
         let mut bus = Bus::new();
         bus.insert(0x100, 0x10, dev()).unwrap();
-        assert!(matches!(
-            bus.insert(0x10f, 1, dev()),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(0xf0, 0x11, dev()),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(0x0, 0x1000, dev()),
-            Err(BusError::Overlap { .. })
-        ));
-        assert!(matches!(
-            bus.insert(0x200, 0, dev()),
-            Err(BusError::InvalidRange { .. })
-        ));
-        assert!(matches!(
-            bus.insert(u64::MAX, 2, dev()),
-            Err(BusError::InvalidRange { .. })
-        ));
+        assert!(matches!(bus.insert(0x10f, 1, dev()), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(0xf0, 0x11, dev()), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(0x0, 0x1000, dev()), Err(BusError::Overlap { .. })));
+        assert!(matches!(bus.insert(0x200, 0, dev()), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(bus.insert(u64::MAX, 2, dev()), Err(BusError::InvalidRange { .. })));
         bus.insert(0xf0, 0x10, dev()).unwrap();
         bus.insert(0x110, 0x10, dev()).unwrap();
     }

@@ -20,10 +20,7 @@ pub struct BootTimer {
 impl BootTimer {
     /// A timer counting from `start` (when the VMM began building the VM).
     pub fn new(start: Instant) -> Self {
-        BootTimer {
-            start,
-            boot_time: Arc::new(Mutex::new(None)),
-        }
+        BootTimer { start, boot_time: Arc::new(Mutex::new(None)) }
     }
 
     /// Where the first mark is kept, to read after the VM ends.

@@ -33,10 +33,7 @@ pub struct I8042(I8042Device<ResetTrigger>);
 impl I8042 {
     /// A controller whose reset sets `stop` and writes `reset_evt`.
     pub fn new(stop: Arc<AtomicBool>, reset_evt: EventFd) -> Self {
-        I8042(I8042Device::new(ResetTrigger {
-            stop,
-            evt: reset_evt,
-        }))
+        I8042(I8042Device::new(ResetTrigger { stop, evt: reset_evt }))
     }
 }
 

@@ -45,10 +45,7 @@ impl SerialConsole {
     /// written whenever the guest empties the receive FIFO.
     pub fn new(irq: EventFdTrigger, fifo_drained: EventFd, out: Box<dyn Write + Send>) -> Self {
         let uart = Serial::with_events(irq, InputEvents { fifo_drained }, out);
-        SerialConsole {
-            uart,
-            output_failed: false,
-        }
+        SerialConsole { uart, output_failed: false }
     }
 
     /// Queue host input for the guest; returns how many bytes the FIFO took.

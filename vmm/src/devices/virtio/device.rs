@@ -54,10 +54,7 @@ pub struct Interrupt {
 impl Interrupt {
     /// An interrupt that fires `irq_evt` (registered as an irqfd for the device's GSI).
     pub fn new(irq_evt: EventFd) -> Self {
-        Interrupt {
-            status: AtomicU32::new(0),
-            irq_evt,
-        }
+        Interrupt { status: AtomicU32::new(0), irq_evt }
     }
 
     /// Tell the driver that a queue has new used buffers.

@@ -93,10 +93,7 @@ impl MmioTransport {
     /// ready bit itself, which `allow_ready` lets through).
     fn with_selected_queue(&mut self, allow_ready: bool, f: impl FnOnce(&mut virtio_queue::Queue)) {
         if !self.status_is(status::FEATURES_OK, status::DRIVER_OK | status::FAILED) {
-            log::warn!(
-                "queue programmed in device status {:#x}",
-                self.device_status
-            );
+            log::warn!("queue programmed in device status {:#x}", self.device_status);
             return;
         }
         let sel = self.queue_select as usize;
@@ -138,8 +135,7 @@ impl MmioTransport {
             0x14 => self.device_features_select = v,
             0x20 => {
                 if self.status_is(status::DRIVER, status::FEATURES_OK | status::FAILED) {
-                    self.locked_device()
-                        .ack_features_by_page(self.driver_features_select, v);
+                    self.locked_device().ack_features_by_page(self.driver_features_select, v);
                 } else {
                     log::warn!("features acked in device status {:#x}", self.device_status);
                 }
@@ -212,11 +208,7 @@ impl MmioTransport {
         let mem = self.mem.clone();
         let result = {
             let mut device = self.locked_device();
-            match device
-                .queues()
-                .iter()
-                .position(|q| q.ready() && !q.is_valid(&mem))
-            {
+            match device.queues().iter().position(|q| q.ready() && !q.is_valid(&mem)) {
                 Some(index) => Err(super::device::ActivateError::InvalidQueue(index)),
                 None if device.is_activated() => Ok(()),
                 None => device.activate(mem),
@@ -248,15 +240,11 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
-            self.locked_device()
-                .read_config(offset - CONFIG_SPACE_OFFSET, data);
+            self.locked_device().read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            log::warn!(
-                "virtio-mmio register read of {} bytes at {offset:#x}",
-                data.len()
-            );
+            log::warn!("virtio-mmio register read of {} bytes at {offset:#x}", data.len());
             data.fill(0);
             return;
         }
@@ -266,8 +254,7 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             if self.status_is(status::DRIVER, status::FAILED) {
-                self.locked_device()
-                    .write_config(offset - CONFIG_SPACE_OFFSET, data);
+                self.locked_device().write_config(offset - CONFIG_SPACE_OFFSET, data);
                 self.config_generation = self.config_generation.wrapping_add(1);
             } else {
                 log::warn!("config written in device status {:#x}", self.device_status);
@@ -275,10 +262,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!(
-                "virtio-mmio register write of {} bytes at {offset:#x}",
-                data.len()
-            );
+            log::warn!("virtio-mmio register write of {} bytes at {offset:#x}", data.len());
             return;
         };
         if !offset.is_multiple_of(4) {

@@ -35,19 +35,11 @@ pub struct Desc {
 impl Desc {
     /// A buffer the device reads.
     pub fn readable(addr: u64, len: u32) -> Self {
-        Desc {
-            addr,
-            len,
-            write: false,
-        }
+        Desc { addr, len, write: false }
     }
     /// A buffer the device writes.
     pub fn writable(addr: u64, len: u32) -> Self {
-        Desc {
-            addr,
-            len,
-            write: true,
-        }
+        Desc { addr, len, write: true }
     }
 }
 
@@ -127,15 +119,11 @@ impl QueueDriver {
     }
 
     fn write_u16(&self, addr: u64, v: u16) {
-        self.mem
-            .write_obj(v, GuestAddress(addr))
-            .expect("queue in guest memory");
+        self.mem.write_obj(v, GuestAddress(addr)).expect("queue in guest memory");
     }
 
     fn read_u32(&self, addr: u64) -> u32 {
-        self.mem
-            .read_obj(GuestAddress(addr))
-            .expect("queue in guest memory")
+        self.mem.read_obj(GuestAddress(addr)).expect("queue in guest memory")
     }
 
     /// Write descriptor `index` verbatim, whatever it says (hostile tests use this).
@@ -146,9 +134,7 @@ impl QueueDriver {
         raw[8..12].copy_from_slice(&len.to_le_bytes());
         raw[12..14].copy_from_slice(&flags.to_le_bytes());
         raw[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem
-            .write_slice(&raw, base)
-            .expect("descriptor table in guest memory");
+        self.mem.write_slice(&raw, base).expect("descriptor table in guest memory");
     }
 
     /// Write the descriptors of a chain into free slots, publish its head and return it.
@@ -232,11 +218,7 @@ pub fn activate_through_mmio(
     for (index, q) in queues.iter().enumerate() {
         write_reg(transport, 0x30, index as u32);
         write_reg(transport, 0x38, u32::from(q.size()));
-        for (reg, addr) in [
-            (0x80, q.desc_table()),
-            (0x90, q.avail_ring()),
-            (0xa0, q.used_ring()),
-        ] {
+        for (reg, addr) in [(0x80, q.desc_table()), (0x90, q.avail_ring()), (0xa0, q.used_ring())] {
             write_reg(transport, reg, addr as u32);
             write_reg(transport, reg + 4, (addr >> 32) as u32);
         }

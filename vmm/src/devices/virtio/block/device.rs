@@ -151,10 +151,9 @@ impl Block {
                     );
                 }
             }
-            Err(e) => log::error!(
-                "block {}: cannot read used_event: {e}",
-                self.disk.path().display()
-            ),
+            Err(e) => {
+                log::error!("block {}: cannot read used_event: {e}", self.disk.path().display())
+            }
         }
     }
 }
@@ -169,18 +168,12 @@ fn serve_queue(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &DiskImage) -> us
     let mut empty_rounds = 0;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
-            log::warn!(
-                "block {}: cannot suppress notifications: {e}",
-                disk.path().display()
-            );
+            log::warn!("block {}: cannot suppress notifications: {e}", disk.path().display());
         }
         let served = match serve_available(queue, mem, disk) {
             Ok(served) => served,
             Err(e) => {
-                log::warn!(
-                    "block {}: request queue is unusable: {e}",
-                    disk.path().display()
-                );
+                log::warn!("block {}: request queue is unusable: {e}", disk.path().display());
                 return used;
             }
         };
@@ -190,10 +183,7 @@ fn serve_queue(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &DiskImage) -> us
             Ok(true) if empty_rounds < 2 => continue,
             Ok(_) => return used,
             Err(e) => {
-                log::warn!(
-                    "block {}: cannot enable notifications: {e}",
-                    disk.path().display()
-                );
+                log::warn!("block {}: cannot enable notifications: {e}", disk.path().display());
                 return used;
             }
         }
@@ -213,10 +203,7 @@ fn serve_available(
         let head = chain.head_index();
         if head >= size {
             // Such a chain cannot be returned: the used ring only takes heads in range.
-            log::debug!(
-                "block {}: chain head {head} is out of range",
-                disk.path().display()
-            );
+            log::debug!("block {}: chain head {head} is out of range", disk.path().display());
             continue;
         }
         let len = serve_chain(disk, mem, chain, usize::from(size));
@@ -245,18 +232,9 @@ fn config_space(capacity: u64) -> Vec<u8> {
     let mut put = |offset: usize, bytes: &[u8]| {
         config[offset..offset + bytes.len()].copy_from_slice(bytes);
     };
-    put(
-        offset_of!(virtio_blk_config, capacity),
-        &capacity.to_le_bytes(),
-    );
-    put(
-        offset_of!(virtio_blk_config, seg_max),
-        &SEG_MAX.to_le_bytes(),
-    );
-    put(
-        offset_of!(virtio_blk_config, blk_size),
-        &(SECTOR_SIZE as u32).to_le_bytes(),
-    );
+    put(offset_of!(virtio_blk_config, capacity), &capacity.to_le_bytes());
+    put(offset_of!(virtio_blk_config, seg_max), &SEG_MAX.to_le_bytes());
+    put(offset_of!(virtio_blk_config, blk_size), &(SECTOR_SIZE as u32).to_le_bytes());
     config
 }
 
@@ -307,9 +285,7 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, mem: GuestMemoryMmap) -> Result<(), ActivateError> {
         let event_idx = self.acked_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        self.queues
-            .iter_mut()
-            .for_each(|q| q.set_event_idx(event_idx));
+        self.queues.iter_mut().for_each(|q| q.set_event_idx(event_idx));
         self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
         self.mem = Some(mem);
         Ok(())
@@ -337,19 +313,12 @@ mod tests {
         assert_eq!(config[0..8], 0x1_2345_6789u64.to_le_bytes());
         assert_eq!(config[12..16], 254u32.to_le_bytes(), "seg_max");
         assert_eq!(config[20..24], 512u32.to_le_bytes(), "blk_size");
-        assert!(config[8..12]
-            .iter()
-            .chain(&config[16..20])
-            .chain(&config[24..])
-            .all(|&b| b == 0));
+        assert!(config[8..12].iter().chain(&config[16..20]).chain(&config[24..]).all(|&b| b == 0));
     }
 
     #[test]
     fn read_only_is_offered_only_for_read_only_disks() {
-        assert_eq!(
-            features(true) & (1 << VIRTIO_BLK_F_RO),
-            1 << VIRTIO_BLK_F_RO
-        );
+        assert_eq!(features(true) & (1 << VIRTIO_BLK_F_RO), 1 << VIRTIO_BLK_F_RO);
         assert_eq!(features(false) & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(features(true) & !(1 << VIRTIO_BLK_F_RO), features(false));
     }

@@ -36,21 +36,13 @@ impl DiskImage {
     pub(super) fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, BlockError> {
         let id = disk_id(path, id)?;
         check_file_type(path, read_only)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_path_buf(),
-                read_only,
-                source,
+        let mut file =
+            OpenOptions::new().read(true).write(!read_only).open(path).map_err(|source| {
+                BlockError::Open { path: path.to_path_buf(), read_only, source }
             })?;
         let size = file
             .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| BlockError::Size { path: path.to_path_buf(), source })?;
         let tail = size % SECTOR_SIZE;
         if tail != 0 {
             log::warn!(
@@ -152,9 +144,7 @@ fn check_file_type(path: &Path, read_only: bool) -> Result<(), BlockError> {
     if file_type.is_file() || file_type.is_block_device() {
         Ok(())
     } else {
-        Err(BlockError::NotADisk {
-            path: path.to_path_buf(),
-        })
+        Err(BlockError::NotADisk { path: path.to_path_buf() })
     }
 }
 
@@ -210,12 +200,7 @@ fn read_exact_at<B: BitmapSlice>(
         // from its pointer; `done < len`, so the kernel writes only inside the slice. No Rust
         // reference to that memory exists.
         Ok(unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                guard.as_ptr().add(done).cast(),
-                len - done,
-                offset,
-            )
+            libc::pread(file.as_raw_fd(), guard.as_ptr().add(done).cast(), len - done, offset)
         })
     })?;
     slice.bitmap().mark_dirty(0, len);
@@ -235,12 +220,7 @@ fn write_all_at<B: BitmapSlice>(
         // SAFETY: `guard` keeps the guest memory of `slice` mapped and readable for `len` bytes
         // from its pointer; `done < len`, so the kernel reads only inside the slice.
         Ok(unsafe {
-            libc::pwrite(
-                file.as_raw_fd(),
-                guard.as_ptr().add(done).cast(),
-                len - done,
-                offset,
-            )
+            libc::pwrite(file.as_raw_fd(), guard.as_ptr().add(done).cast(), len - done, offset)
         })
     })
 }
@@ -283,10 +263,7 @@ pub(super) mod tests {
     /// Clear the calling thread's effective capabilities, so that file permission bits apply to
     /// it even when the tests run as root. Capabilities are per thread: nothing else changes.
     fn drop_effective_capabilities() {
-        let mut header = CapHeader {
-            version: LINUX_CAPABILITY_VERSION_3,
-            pid: 0,
-        };
+        let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
         let mut data = [CapData::default(); 2];
         // SAFETY: version 3 of capget writes two `CapData` (repr(C), three u32) into `data`,
         // which has room for exactly two; `header` is a valid header.
@@ -327,9 +304,7 @@ pub(super) mod tests {
         let dir = TempDir::new_with_prefix("/tmp/husk-blk-test").unwrap();
         let path = dir.as_path().join("missing.img");
         let err = DiskImage::open(&path, false, None).unwrap_err();
-        let BlockError::Open { source, .. } = &err else {
-            panic!("{err:?}")
-        };
+        let BlockError::Open { source, .. } = &err else { panic!("{err:?}") };
         assert_eq!(source.kind(), io::ErrorKind::NotFound);
         assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
     }
@@ -339,10 +314,7 @@ pub(super) mod tests {
         let dir = TempDir::new_with_prefix("/tmp/husk-blk-test").unwrap();
         let err = DiskImage::open(dir.as_path(), true, None).unwrap_err();
         assert!(matches!(err, BlockError::NotADisk { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains(dir.as_path().to_str().unwrap()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(dir.as_path().to_str().unwrap()), "{err}");
     }
 
     #[test]
@@ -359,10 +331,7 @@ pub(super) mod tests {
             ),
             "{err:?}"
         );
-        assert!(
-            err.to_string().contains(image.as_path().to_str().unwrap()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(image.as_path().to_str().unwrap()), "{err}");
         let disk = without_capabilities(|| DiskImage::open(image.as_path(), true, None)).unwrap();
         assert!(disk.is_read_only());
     }
@@ -373,16 +342,7 @@ pub(super) mod tests {
         set_mode(image.as_path(), 0o000);
         let err =
             without_capabilities(|| DiskImage::open(image.as_path(), true, None)).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                BlockError::Open {
-                    read_only: true,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, BlockError::Open { read_only: true, .. }), "{err:?}");
     }
 
     #[test]
@@ -418,8 +378,7 @@ pub(super) mod tests {
 
         let mut ones = [1u8; 512];
         let memory = VolatileSlice::from(&mut ones[..]);
-        disk.write_from(512, &[memory.get_slice(0, 512).unwrap()])
-            .unwrap();
+        disk.write_from(512, &[memory.get_slice(0, 512).unwrap()]).unwrap();
         let content = std::fs::read(image.as_path()).unwrap();
         assert!(content[512..1024].iter().all(|&b| b == 1));
         assert_eq!(content[511], (511 % 251) as u8);
@@ -431,9 +390,7 @@ pub(super) mod tests {
         let image = patterned_image(512);
         let disk = DiskImage::open(image.as_path(), true, None).unwrap();
         let mut buf = [0u8; 512];
-        let err = disk
-            .read_into(256, &[VolatileSlice::from(&mut buf[..])])
-            .unwrap_err();
+        let err = disk.read_into(256, &[VolatileSlice::from(&mut buf[..])]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
@@ -442,9 +399,7 @@ pub(super) mod tests {
         let image = patterned_image(512);
         let disk = DiskImage::open(image.as_path(), true, None).unwrap();
         let mut buf = [7u8; 512];
-        assert!(disk
-            .write_from(0, &[VolatileSlice::from(&mut buf[..])])
-            .is_err());
+        assert!(disk.write_from(0, &[VolatileSlice::from(&mut buf[..])]).is_err());
         assert_eq!(std::fs::read(image.as_path()).unwrap()[0], 0);
         disk.flush().unwrap();
     }

@@ -49,21 +49,15 @@ impl Block {
         if self.is_activated() {
             self.process_queue();
         } else {
-            log::debug!(
-                "block {}: queue notified before activation",
-                self.disk.path().display()
-            );
+            log::debug!("block {}: queue notified before activation", self.disk.path().display());
         }
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            ACTIVATE_EVENT,
-            EventSet::IN,
-        )) {
+        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, ACTIVATE_EVENT, EventSet::IN))
+        {
             log::error!(
                 "block {}: cannot watch the activation event: {e}",
                 self.disk.path().display()
@@ -75,10 +69,7 @@ impl MutEventSubscriber for Block {
         match events.data() {
             ACTIVATE_EVENT => self.on_activate(ops),
             QUEUE_EVENT => self.on_queue_event(),
-            other => log::warn!(
-                "block {}: unexpected event {other}",
-                self.disk.path().display()
-            ),
+            other => log::warn!("block {}: unexpected event {other}", self.disk.path().display()),
         }
     }
 }

@@ -32,10 +32,7 @@ pub(super) struct Segment {
 
 impl Segment {
     fn of(descriptor: &Descriptor) -> Self {
-        Segment {
-            addr: descriptor.addr(),
-            len: descriptor.len(),
-        }
+        Segment { addr: descriptor.addr(), len: descriptor.len() }
     }
 }
 
@@ -90,15 +87,10 @@ impl Frame {
             Some(last) if !last.has_next() => {}
             _ => return Err(FrameError::Truncated),
         }
-        let trailing_writable = descriptors
-            .iter()
-            .rposition(|d| !d.is_write_only())
-            .map_or(0, |i| i + 1);
+        let trailing_writable =
+            descriptors.iter().rposition(|d| !d.is_write_only()).map_or(0, |i| i + 1);
         let (front, trailing) = descriptors.split_at(trailing_writable);
-        let status_at = trailing
-            .iter()
-            .rposition(|d| d.len() > 0)
-            .ok_or(FrameError::NoStatus)?;
+        let status_at = trailing.iter().rposition(|d| d.len() > 0).ok_or(FrameError::NoStatus)?;
         let (before_status, status_and_after) = trailing.split_at(status_at);
         let status_descriptor = status_and_after.first().ok_or(FrameError::NoStatus)?;
         let data_len = status_descriptor.len() - 1;
@@ -112,17 +104,9 @@ impl Frame {
             .chain(before_status)
             .filter(|d| d.is_write_only())
             .map(Segment::of)
-            .chain([Segment {
-                addr: status_descriptor.addr(),
-                len: data_len,
-            }]);
+            .chain([Segment { addr: status_descriptor.addr(), len: data_len }]);
         Ok(Frame {
-            readable: non_empty(
-                descriptors
-                    .iter()
-                    .filter(|d| !d.is_write_only())
-                    .map(Segment::of),
-            ),
+            readable: non_empty(descriptors.iter().filter(|d| !d.is_write_only()).map(Segment::of)),
             writable: non_empty(writable_data),
             status,
             in_order,
@@ -146,19 +130,13 @@ fn split_segments(segments: &[Segment], at: u64) -> (Vec<Segment>, Vec<Segment>)
         // `taken <= segment.len`, so both fit in u32.
         let taken_len = taken as u32;
         if taken_len > 0 {
-            head.push(Segment {
-                addr: segment.addr,
-                len: taken_len,
-            });
+            head.push(Segment { addr: segment.addr, len: taken_len });
         }
         if taken_len < segment.len {
             // Only a segment that wraps around the address space can overflow here; its first
             // bytes then fail to read as a header, so this tail is never used.
             let addr = GuestAddress(segment.addr.0.wrapping_add(taken));
-            tail.push(Segment {
-                addr,
-                len: segment.len - taken_len,
-            });
+            tail.push(Segment { addr, len: segment.len - taken_len });
         }
     }
     (head, tail)
@@ -319,11 +297,7 @@ impl Request {
         // The capacity counts the image's whole sectors: it cannot overflow in bytes.
         match range {
             Some((start, end)) if end <= capacity * SECTOR_SIZE => Ok(start),
-            _ => Err(RequestError::BeyondCapacity {
-                sector: self.sector,
-                len,
-                capacity,
-            }),
+            _ => Err(RequestError::BeyondCapacity { sector: self.sector, len, capacity }),
         }
     }
 }
@@ -341,11 +315,8 @@ fn read_header(
     let mut filled = 0;
     for segment in segments {
         let end = filled + segment.len as usize;
-        let target = bytes
-            .get_mut(filled..end)
-            .ok_or(RequestError::HeaderOutsideMemory)?;
-        mem.read_slice(target, segment.addr)
-            .map_err(|_| RequestError::HeaderOutsideMemory)?;
+        let target = bytes.get_mut(filled..end).ok_or(RequestError::HeaderOutsideMemory)?;
+        mem.read_slice(target, segment.addr).map_err(|_| RequestError::HeaderOutsideMemory)?;
         filled = end;
     }
     let [t0, t1, t2, t3, _, _, _, _, sector @ ..] = bytes;
@@ -361,10 +332,7 @@ fn guest_slices<'m>(
 ) -> Result<Vec<VolatileSlice<'m, ()>>, RequestError> {
     let mut slices = Vec::with_capacity(segments.len());
     for segment in segments {
-        let outside = |_| RequestError::DataOutsideMemory {
-            addr: segment.addr,
-            len: segment.len,
-        };
+        let outside = |_| RequestError::DataOutsideMemory { addr: segment.addr, len: segment.len };
         for slice in mem.get_slices(segment.addr, segment.len as usize) {
             slices.push(slice.map_err(outside)?);
         }
@@ -398,18 +366,12 @@ pub(super) fn serve_chain(
     let frame = match Frame::new(chain, max_descriptors) {
         Ok(frame) => frame,
         Err(e) => {
-            log::debug!(
-                "block {}: chain returned unanswered: {e}",
-                disk.path().display()
-            );
+            log::debug!("block {}: chain returned unanswered: {e}", disk.path().display());
             return 0;
         }
     };
     if !mem.address_in_range(frame.status) {
-        log::debug!(
-            "block {}: the status byte lies outside guest memory",
-            disk.path().display()
-        );
+        log::debug!("block {}: the status byte lies outside guest memory", disk.path().display());
         return 0;
     }
     let (status, written) = match Request::parse(&frame, mem).and_then(|r| r.execute(disk, mem)) {
@@ -423,10 +385,7 @@ pub(super) fn serve_chain(
         }
     };
     if let Err(e) = mem.write_obj(status, frame.status) {
-        log::debug!(
-            "block {}: cannot write the status byte: {e}",
-            disk.path().display()
-        );
+        log::debug!("block {}: cannot write the status byte: {e}", disk.path().display());
         return 0;
     }
     written.saturating_add(1)
@@ -455,10 +414,7 @@ mod tests {
     }
 
     fn seg(addr: u64, len: u32) -> Segment {
-        Segment {
-            addr: GuestAddress(addr),
-            len,
-        }
+        Segment { addr: GuestAddress(addr), len }
     }
 
     #[test]
@@ -487,11 +443,8 @@ mod tests {
 
     #[test]
     fn status_may_share_the_last_descriptor_with_data() {
-        let frame = Frame::new(
-            chain(&[(0x1000, 16, false), (0x2000, 513, true)]).into_iter(),
-            8,
-        )
-        .unwrap();
+        let frame =
+            Frame::new(chain(&[(0x1000, 16, false), (0x2000, 513, true)]).into_iter(), 8).unwrap();
         assert_eq!(frame.writable, vec![seg(0x2000, 512)]);
         assert_eq!(frame.status, GuestAddress(0x2200));
     }
@@ -518,41 +471,23 @@ mod tests {
     #[test]
     fn chains_without_a_status_byte_are_refused() {
         let no_writable = chain(&[(0x1000, 16, false), (0x2000, 512, false)]);
-        assert_eq!(
-            Frame::new(no_writable.into_iter(), 8),
-            Err(FrameError::NoStatus)
-        );
+        assert_eq!(Frame::new(no_writable.into_iter(), 8), Err(FrameError::NoStatus));
         let ends_readable = chain(&[(0x1000, 16, false), (0x3000, 1, true), (0x2000, 512, false)]);
-        assert_eq!(
-            Frame::new(ends_readable.into_iter(), 8),
-            Err(FrameError::NoStatus)
-        );
+        assert_eq!(Frame::new(ends_readable.into_iter(), 8), Err(FrameError::NoStatus));
         let empty_status = chain(&[(0x1000, 16, false), (0x3000, 0, true)]);
-        assert_eq!(
-            Frame::new(empty_status.into_iter(), 8),
-            Err(FrameError::NoStatus)
-        );
+        assert_eq!(Frame::new(empty_status.into_iter(), 8), Err(FrameError::NoStatus));
         let wrapping = chain(&[(0x1000, 16, false), (u64::MAX - 1, 4, true)]);
-        assert_eq!(
-            Frame::new(wrapping.into_iter(), 8),
-            Err(FrameError::NoStatus)
-        );
+        assert_eq!(Frame::new(wrapping.into_iter(), 8), Err(FrameError::NoStatus));
     }
 
     #[test]
     fn cut_short_and_overlong_chains_are_refused() {
-        assert_eq!(
-            Frame::new(std::iter::empty(), 8),
-            Err(FrameError::Truncated)
-        );
+        assert_eq!(Frame::new(std::iter::empty(), 8), Err(FrameError::Truncated));
         let mut cut = chain(&[(0x1000, 16, false), (0x3000, 1, true)]);
         cut[1] = Descriptor::new(0x3000, 1, WRITE | NEXT, 99);
         assert_eq!(Frame::new(cut.into_iter(), 8), Err(FrameError::Truncated));
         let long = chain(&[(0x1000, 16, false), (0x2000, 512, true), (0x3000, 1, true)]);
-        assert_eq!(
-            Frame::new(long.clone().into_iter(), 2),
-            Err(FrameError::TooLong(2))
-        );
+        assert_eq!(Frame::new(long.clone().into_iter(), 2), Err(FrameError::TooLong(2)));
         assert!(Frame::new(long.into_iter(), 3).is_ok());
     }
 
@@ -581,10 +516,7 @@ mod tests {
     fn copies_as_much_of_the_id_as_fits() {
         let mut a = [0xffu8; 3];
         let mut b = [0xffu8; 30];
-        let slices = [
-            VolatileSlice::from(&mut a[..]),
-            VolatileSlice::from(&mut b[..]),
-        ];
+        let slices = [VolatileSlice::from(&mut a[..]), VolatileSlice::from(&mut b[..])];
         assert_eq!(copy_to_slices(b"0123456789abcdefghij", &slices), 20);
         assert_eq!(&a, b"012");
         assert_eq!(&b[..17], b"3456789abcdefghij");

@@ -64,11 +64,7 @@ struct Sent {
 impl Harness {
     /// A device on a patterned image of [`SECTORS`] sectors.
     fn new(read_only: bool) -> Self {
-        Self::with_image(
-            patterned_image((SECTORS * SECTOR_SIZE) as usize),
-            read_only,
-            None,
-        )
+        Self::with_image(patterned_image((SECTORS * SECTOR_SIZE) as usize), read_only, None)
     }
 
     fn with_image(image: TempFile, read_only: bool, id: Option<&str>) -> Self {
@@ -83,14 +79,7 @@ impl Harness {
         let transport = MmioTransport::new(mem.clone(), block.clone());
         let queue = QueueDriver::new(&mem, FIRST_QUEUE_BASE, DRIVER_QUEUE_SIZE);
         let alloc = GuestAlloc::new(BUFFERS_START, MEM_SIZE);
-        Harness {
-            image,
-            mem,
-            block,
-            transport,
-            queue,
-            alloc,
-        }
+        Harness { image, mem, block, transport, queue, alloc }
     }
 
     /// The features the tests' driver accepts: all offered but EVENT_IDX.
@@ -101,11 +90,7 @@ impl Harness {
     /// Walk the device to DRIVER_OK with `features` and the harness's queue.
     fn activate_with(&mut self, features: u64) {
         let status = activate_through_mmio(&mut self.transport, features, &[&self.queue]);
-        assert_eq!(
-            status & status::DRIVER_OK,
-            status::DRIVER_OK,
-            "status {status:#x}"
-        );
+        assert_eq!(status & status::DRIVER_OK, status::DRIVER_OK, "status {status:#x}");
         assert!(self.block.lock().unwrap().is_activated());
     }
 
@@ -117,9 +102,7 @@ impl Harness {
     /// A buffer of `len` bytes filled with `fill`.
     fn buffer(&mut self, len: u32, fill: u8) -> u64 {
         let addr = self.alloc.alloc(u64::from(len));
-        self.mem
-            .write_slice(&vec![fill; len as usize], GuestAddress(addr))
-            .unwrap();
+        self.mem.write_slice(&vec![fill; len as usize], GuestAddress(addr)).unwrap();
         addr
     }
 
@@ -172,13 +155,7 @@ impl Harness {
 
     /// How many interrupts were raised since the last call.
     fn interrupts(&self) -> u64 {
-        self.block
-            .lock()
-            .unwrap()
-            .interrupt()
-            .irq_evt()
-            .read()
-            .unwrap_or(0)
+        self.block.lock().unwrap().interrupt().irq_evt().read().unwrap_or(0)
     }
 
     fn image_bytes(&self) -> Vec<u8> {
@@ -199,10 +176,7 @@ fn identifies_as_a_block_device_with_its_capacity() {
     assert_eq!(read_reg(&mut h.transport, 0x10), 1, "VIRTIO_F_VERSION_1");
     write_reg(&mut h.transport, 0x14, 0);
     // EVENT_IDX (29), FLUSH (9), BLK_SIZE (6), SEG_MAX (2); no RO (5).
-    assert_eq!(
-        read_reg(&mut h.transport, 0x10),
-        (1 << 29) | (1 << 9) | (1 << 6) | (1 << 2)
-    );
+    assert_eq!(read_reg(&mut h.transport, 0x10), (1 << 29) | (1 << 9) | (1 << 6) | (1 << 2));
     let mut capacity = [0u8; 8];
     h.transport.read(0x100, &mut capacity);
     assert_eq!(u64::from_le_bytes(capacity), SECTORS);
@@ -214,11 +188,7 @@ fn reads_sectors_into_guest_buffers() {
     let mut h = Harness::new(false);
     h.activate();
     let (a, b) = (h.buffer(512, 0), h.buffer(1024, 0));
-    let sent = h.send(
-        VIRTIO_BLK_T_IN,
-        5,
-        &[Desc::writable(a, 512), Desc::writable(b, 1024)],
-    );
+    let sent = h.send(VIRTIO_BLK_T_IN, 5, &[Desc::writable(a, 512), Desc::writable(b, 1024)]);
     h.process();
     h.expect_completion(&sent, OK, 1536 + 1);
     let expected: Vec<u8> = (5 * 512..8 * 512).map(pattern).collect();
@@ -232,11 +202,7 @@ fn writes_guest_buffers_into_the_file() {
     let mut h = Harness::new(false);
     h.activate();
     let (a, b) = (h.buffer(512, 0xa1), h.buffer(512, 0xb2));
-    let sent = h.send(
-        VIRTIO_BLK_T_OUT,
-        3,
-        &[Desc::readable(a, 512), Desc::readable(b, 512)],
-    );
+    let sent = h.send(VIRTIO_BLK_T_OUT, 3, &[Desc::readable(a, 512), Desc::readable(b, 512)]);
     h.process();
     h.expect_completion(&sent, OK, 1);
     let mut expected = fresh_image_bytes();
@@ -251,10 +217,8 @@ fn data_and_status_may_share_a_descriptor() {
     h.activate();
     let header = h.header(VIRTIO_BLK_T_IN, 1);
     let data_and_status = h.buffer(513, UNWRITTEN);
-    let head = h.queue.add_chain(&[
-        Desc::readable(header, 16),
-        Desc::writable(data_and_status, 513),
-    ]);
+    let head =
+        h.queue.add_chain(&[Desc::readable(header, 16), Desc::writable(data_and_status, 513)]);
     h.process();
     assert_eq!(h.used(), (u32::from(head), 513));
     let expected: Vec<u8> = (512..1024).map(pattern).collect();
@@ -266,19 +230,10 @@ fn data_and_status_may_share_a_descriptor() {
 fn read_only_disk_refuses_writes_and_stays_untouched() {
     let image = patterned_image((SECTORS * SECTOR_SIZE) as usize);
     let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
-    std::fs::File::options()
-        .write(true)
-        .open(image.as_path())
-        .unwrap()
-        .set_modified(old)
-        .unwrap();
+    std::fs::File::options().write(true).open(image.as_path()).unwrap().set_modified(old).unwrap();
     let mut h = Harness::with_image(image, true, None);
     let features = h.default_features();
-    assert_ne!(
-        features & (1 << VIRTIO_BLK_F_RO),
-        0,
-        "VIRTIO_BLK_F_RO offered"
-    );
+    assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0, "VIRTIO_BLK_F_RO offered");
     h.activate_with(features);
 
     let data = h.buffer(512, 0x55);
@@ -292,13 +247,7 @@ fn read_only_disk_refuses_writes_and_stays_untouched() {
     h.expect_completion(&read, OK, 513);
     assert_eq!(h.bytes(target, 512), fresh_image_bytes()[..512]);
     assert_eq!(h.image_bytes(), fresh_image_bytes());
-    assert_eq!(
-        std::fs::metadata(h.image.as_path())
-            .unwrap()
-            .modified()
-            .unwrap(),
-        old
-    );
+    assert_eq!(std::fs::metadata(h.image.as_path()).unwrap().modified().unwrap(), old);
 }
 
 #[test]
@@ -334,14 +283,7 @@ fn get_id_defaults_to_the_file_name() {
     let sent = h.send(VIRTIO_BLK_T_GET_ID, 0, &[Desc::writable(id, 20)]);
     h.process();
     h.expect_completion(&sent, OK, 21);
-    let name = h
-        .image
-        .as_path()
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .as_bytes();
+    let name = h.image.as_path().file_name().unwrap().to_str().unwrap().as_bytes();
     let n = name.len().min(20);
     assert_eq!(h.bytes(id, n), name[..n]);
 }
@@ -376,11 +318,7 @@ fn requests_beyond_the_disk_fail() {
     h.expect_completion(&read_past, IOERR, 1);
     let mut expected = fresh_image_bytes();
     expected[((SECTORS - 1) * 512) as usize..].fill(0x77);
-    assert_eq!(
-        h.image_bytes(),
-        expected,
-        "only the in-range write landed; the file did not grow"
-    );
+    assert_eq!(h.image_bytes(), expected, "only the in-range write landed; the file did not grow");
 }
 
 #[test]
@@ -428,17 +366,10 @@ fn batch_is_served_in_order_with_one_interrupt() {
     h.expect_completion(&flush, OK, 1);
     h.expect_completion(&get_id, OK, 21);
     assert_eq!(h.queue.pop_used(), None);
-    assert_eq!(
-        h.bytes(target, 1024),
-        vec![0x3c; 1024],
-        "the read saw the earlier write"
-    );
+    assert_eq!(h.bytes(target, 1024), vec![0x3c; 1024], "the read saw the earlier write");
     assert_eq!(h.interrupts(), 1);
     let used_flags: u16 = h.mem.read_obj(GuestAddress(h.queue.used_ring())).unwrap();
-    assert_eq!(
-        used_flags, 0,
-        "notifications are enabled again after serving"
-    );
+    assert_eq!(used_flags, 0, "notifications are enabled again after serving");
 }
 
 #[test]
@@ -460,14 +391,9 @@ fn event_idx_interrupts_only_past_used_event() {
     h.expect_completion(&second, OK, 1);
     assert_eq!(h.interrupts(), 1, "used index 2 passes used_event 1");
 
-    let avail_event: u16 = h
-        .mem
-        .read_obj(GuestAddress(h.queue.used_ring() + 4 + 8 * size))
-        .unwrap();
-    assert_eq!(
-        avail_event, 2,
-        "the device asks to be notified for the next request"
-    );
+    let avail_event: u16 =
+        h.mem.read_obj(GuestAddress(h.queue.used_ring() + 4 + 8 * size)).unwrap();
+    assert_eq!(avail_event, 2, "the device asks to be notified for the next request");
 }
 
 #[test]
@@ -476,19 +402,11 @@ fn chains_without_status_byte_come_back_with_length_zero() {
     h.activate();
     let header = h.header(VIRTIO_BLK_T_OUT, 0);
     let data = h.buffer(512, 0x11);
-    let no_writable = h
-        .queue
-        .add_chain(&[Desc::readable(header, 16), Desc::readable(data, 512)]);
+    let no_writable = h.queue.add_chain(&[Desc::readable(header, 16), Desc::readable(data, 512)]);
     let status = h.buffer(1, UNWRITTEN);
-    let empty_status = h
-        .queue
-        .add_chain(&[Desc::readable(header, 16), Desc::writable(status, 0)]);
-    let outside = h
-        .queue
-        .add_chain(&[Desc::readable(header, 16), Desc::writable(MEM_SIZE, 1)]);
-    let wrapping = h
-        .queue
-        .add_chain(&[Desc::readable(header, 16), Desc::writable(u64::MAX, 2)]);
+    let empty_status = h.queue.add_chain(&[Desc::readable(header, 16), Desc::writable(status, 0)]);
+    let outside = h.queue.add_chain(&[Desc::readable(header, 16), Desc::writable(MEM_SIZE, 1)]);
+    let wrapping = h.queue.add_chain(&[Desc::readable(header, 16), Desc::writable(u64::MAX, 2)]);
     let ok = h.send(VIRTIO_BLK_T_FLUSH, 0, &[]);
     h.process();
     for head in [no_writable, empty_status, outside, wrapping] {
@@ -496,11 +414,7 @@ fn chains_without_status_byte_come_back_with_length_zero() {
     }
     h.expect_completion(&ok, OK, 1);
     assert_eq!(h.byte(status), UNWRITTEN);
-    assert_eq!(
-        h.image_bytes(),
-        fresh_image_bytes(),
-        "no request without a status is executed"
-    );
+    assert_eq!(h.image_bytes(), fresh_image_bytes(), "no request without a status is executed");
 }
 
 #[test]
@@ -511,11 +425,7 @@ fn zero_length_and_overlapping_descriptors_are_served() {
     let zero_length = h.send(
         VIRTIO_BLK_T_IN,
         2,
-        &[
-            Desc::writable(a, 512),
-            Desc::writable(0, 0),
-            Desc::writable(b, 512),
-        ],
+        &[Desc::writable(a, 512), Desc::writable(0, 0), Desc::writable(b, 512)],
     );
     // The data overwrites its own header: the header was read before.
     let read_header = h.header(VIRTIO_BLK_T_IN, 4);
@@ -539,10 +449,7 @@ fn zero_length_and_overlapping_descriptors_are_served() {
     let expected: Vec<u8> = (2 * 512..4 * 512).map(pattern).collect();
     assert_eq!([h.bytes(a, 512), h.bytes(b, 512)].concat(), expected);
     assert_eq!(h.used(), (u32::from(over_header), 513));
-    assert_eq!(
-        h.bytes(read_header, 512),
-        fresh_image_bytes()[4 * 512..5 * 512]
-    );
+    assert_eq!(h.bytes(read_header, 512), fresh_image_bytes()[4 * 512..5 * 512]);
     assert_eq!(h.byte(status), OK);
     assert_eq!(h.used(), (u32::from(over_status), 1));
     assert_eq!(h.byte(source), OK);
@@ -557,9 +464,8 @@ fn buffers_outside_guest_memory_fail() {
     let far_data = h.send(VIRTIO_BLK_T_IN, 0, &[Desc::writable(1 << 40, 512)]);
     let wrapping_data = h.send(VIRTIO_BLK_T_IN, 0, &[Desc::writable(u64::MAX - 100, 512)]);
     let status = h.buffer(1, UNWRITTEN);
-    let outside_header = h
-        .queue
-        .add_chain(&[Desc::readable(MEM_SIZE - 8, 16), Desc::writable(status, 1)]);
+    let outside_header =
+        h.queue.add_chain(&[Desc::readable(MEM_SIZE - 8, 16), Desc::writable(status, 1)]);
     h.process();
     h.expect_completion(&outside_data, IOERR, 1);
     h.expect_completion(&far_data, IOERR, 1);
@@ -577,9 +483,7 @@ fn missing_or_short_headers_fail() {
     let no_header = h.queue.add_chain(&[Desc::writable(status, 1)]);
     let header = h.header(VIRTIO_BLK_T_FLUSH, 0);
     let short_status = h.buffer(1, UNWRITTEN);
-    let short = h
-        .queue
-        .add_chain(&[Desc::readable(header, 8), Desc::writable(short_status, 1)]);
+    let short = h.queue.add_chain(&[Desc::readable(header, 8), Desc::writable(short_status, 1)]);
     // A header split over two descriptors is fine.
     let header = h.header(VIRTIO_BLK_T_IN, 1);
     let target = h.buffer(512, 0);
@@ -610,9 +514,8 @@ fn buffers_going_the_wrong_way_fail() {
     let write_from_writable = h.send(VIRTIO_BLK_T_OUT, 0, &[Desc::writable(source, 512)]);
     let header = h.header(VIRTIO_BLK_T_FLUSH, 0);
     let status = h.buffer(1, UNWRITTEN);
-    let writable_header = h
-        .queue
-        .add_chain(&[Desc::writable(header, 16), Desc::writable(status, 1)]);
+    let writable_header =
+        h.queue.add_chain(&[Desc::writable(header, 16), Desc::writable(status, 1)]);
     let header = h.header(VIRTIO_BLK_T_OUT, 0);
     let misordered_status = h.buffer(1, UNWRITTEN);
     let misordered = h.queue.add_chain(&[
@@ -662,12 +565,9 @@ fn broken_chains_come_back_with_length_zero() {
         raw[8..12].copy_from_slice(&len.to_le_bytes());
         raw[12..14].copy_from_slice(&flags.to_le_bytes());
         raw[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
-        h.mem
-            .write_slice(&raw, GuestAddress(table + 16 * i as u64))
-            .unwrap();
+        h.mem.write_slice(&raw, GuestAddress(table + 16 * i as u64)).unwrap();
     }
-    h.queue
-        .write_descriptor(4, table, table_len * 16, VIRTQ_DESC_F_INDIRECT, 0);
+    h.queue.write_descriptor(4, table, table_len * 16, VIRTQ_DESC_F_INDIRECT, 0);
     h.queue.publish(4);
     h.process();
     assert_eq!(h.used(), (0, 0));
@@ -680,8 +580,7 @@ fn broken_chains_come_back_with_length_zero() {
     // The queue still works.
     h.queue.write_descriptor(5, header, 16, next, 6);
     h.queue.write_descriptor(6, data, 512, next, 7);
-    h.queue
-        .write_descriptor(7, status, 1, VIRTQ_DESC_F_WRITE, 0);
+    h.queue.write_descriptor(7, status, 1, VIRTQ_DESC_F_WRITE, 0);
     h.queue.publish(5);
     h.process();
     assert_eq!(h.used(), (5, 1));
@@ -730,11 +629,7 @@ fn serves_requests_from_the_event_loop() {
     // A notification before activation is dropped.
     write_reg(&mut h.transport, 0x50, 0);
     h.activate();
-    assert_eq!(
-        manager.run_with_timeout(100).unwrap(),
-        1,
-        "the activation event"
-    );
+    assert_eq!(manager.run_with_timeout(100).unwrap(), 1, "the activation event");
 
     let target = h.buffer(512, 0);
     let sent = h.send(VIRTIO_BLK_T_IN, 7, &[Desc::writable(target, 512)]);
@@ -743,11 +638,7 @@ fn serves_requests_from_the_event_loop() {
     h.expect_completion(&sent, OK, 513);
     assert_eq!(h.bytes(target, 512), fresh_image_bytes()[7 * 512..8 * 512]);
     assert_eq!(h.interrupts(), 1);
-    assert_eq!(
-        read_reg(&mut h.transport, 0x60),
-        1,
-        "used-buffer interrupt pending"
-    );
+    assert_eq!(read_reg(&mut h.transport, 0x60), 1, "used-buffer interrupt pending");
 }
 
 #[test]
@@ -778,11 +669,7 @@ fn works_again_after_reset_and_reactivation() {
 
     h.queue = QueueDriver::new(&h.mem, SECOND_QUEUE_BASE, DRIVER_QUEUE_SIZE);
     h.activate();
-    assert_eq!(
-        manager.run_with_timeout(100).unwrap(),
-        1,
-        "the second activation event"
-    );
+    assert_eq!(manager.run_with_timeout(100).unwrap(), 1, "the second activation event");
     let source = h.buffer(512, 0x5a);
     let second = h.send(VIRTIO_BLK_T_OUT, 9, &[Desc::readable(source, 512)]);
     write_reg(&mut h.transport, 0x50, 0);

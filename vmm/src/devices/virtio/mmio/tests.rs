@@ -24,9 +24,7 @@ impl Dummy {
     fn new() -> Self {
         Dummy {
             queues: vec![Queue::new(16).unwrap(), Queue::new(16).unwrap()],
-            queue_evts: (0..2)
-                .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-                .collect(),
+            queue_evts: (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect(),
             interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
             acked: 0,
             config: [1, 2, 3, 4, 5, 6, 7, 8],
@@ -105,11 +103,7 @@ fn identifies_as_modern_virtio_mmio() {
     assert_eq!(read_reg(&mut t, 0x08), 42);
     assert_eq!(read_reg(&mut t, 0x34), 16, "QueueNumMax of queue 0");
     write_reg(&mut t, 0x30, 7);
-    assert_eq!(
-        read_reg(&mut t, 0x34),
-        0,
-        "a queue that does not exist reads as size 0"
-    );
+    assert_eq!(read_reg(&mut t, 0x34), 0, "a queue that does not exist reads as size 0");
     write_reg(&mut t, 0x14, 1);
     assert_eq!(read_reg(&mut t, 0x10), 1);
     write_reg(&mut t, 0x14, 0);
@@ -174,11 +168,7 @@ fn invalid_queue_sets_needs_reset_instead_of_activating() {
     let status = read_reg(&mut t, 0x70);
     assert_ne!(status & status::DEVICE_NEEDS_RESET, 0);
     assert_eq!(dummy.lock().unwrap().activations, 0);
-    assert_ne!(
-        read_reg(&mut t, 0x60) & 2,
-        0,
-        "config-change interrupt raised"
-    );
+    assert_ne!(read_reg(&mut t, 0x60) & 2, 0, "config-change interrupt raised");
 }
 
 #[test]

@@ -111,9 +111,7 @@ pub struct Net {
 impl Net {
     /// Open the tap and build the device.
     pub fn new(config: NetConfig, interrupt: Arc<Interrupt>) -> Result<Self, NetError> {
-        let mac = config
-            .mac
-            .unwrap_or_else(|| Net::default_mac(&config.tap_name));
+        let mac = config.mac.unwrap_or_else(|| Net::default_mac(&config.tap_name));
         if mac[0] & 1 != 0 {
             return Err(NetError::MulticastMac(mac));
         }
@@ -141,11 +139,9 @@ impl Net {
     /// (`02:xx:xx:xx:xx:xx`), the rest from an FNV-1a hash of the tap name, so that a tap name
     /// always gives the same address.
     pub fn default_mac(tap_name: &str) -> [u8; 6] {
-        let hash = tap_name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-            });
+        let hash = tap_name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
         let [a, b, c, d, e, ..] = hash.to_le_bytes();
         [0x02, a, b, c, d, e]
     }
@@ -175,10 +171,7 @@ impl Net {
             match packet::read_tx_packet(chain, mem, &mut self.tx_packet) {
                 Ok(()) => send_to_tap(&self.tap, &mut self.tx_packet, &mut self.counters),
                 Err(e) => {
-                    log::warn!(
-                        "net {}: transmit chain {head} refused: {e}",
-                        self.tap.name()
-                    );
+                    log::warn!("net {}: transmit chain {head} refused: {e}", self.tap.name());
                     self.counters.tx_bad_chains += 1;
                 }
             }
@@ -293,10 +286,7 @@ impl VirtioDevice for Net {
 
 /// `aa:bb:cc:dd:ee:ff`.
 fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// The next chain of a ready queue. When the queue looks empty, notifications are re-enabled
@@ -356,10 +346,7 @@ fn send_to_tap(tap: &Tap, packet: &mut [u8], counters: &mut NetCounters) {
             counters.tx_dropped += 1;
         }
         Err(e) => {
-            log::warn!(
-                "net {}: frame dropped: cannot write to the tap: {e}",
-                tap.name()
-            );
+            log::warn!("net {}: frame dropped: cannot write to the tap: {e}", tap.name());
             counters.tx_dropped += 1;
         }
     }
@@ -372,10 +359,7 @@ fn read_from_tap(tap: &Tap, buf: &mut [u8], counters: &mut NetCounters) -> Optio
         match tap.read_packet(buf) {
             Ok(0) => return None,
             Ok(len) if len < VNET_HDR_LEN + packet::ETH_HLEN => {
-                log::warn!(
-                    "net {}: runt packet of {len} bytes from the tap",
-                    tap.name()
-                );
+                log::warn!("net {}: runt packet of {len} bytes from the tap", tap.name());
                 counters.rx_dropped += 1;
             }
             Ok(len) => return Some(len),

@@ -36,11 +36,7 @@ impl Net {
         let rx_queue = Events::new(&self.queue_evts[RX_QUEUE], EventSet::IN);
         let tx_queue = Events::new(&self.queue_evts[TX_QUEUE], EventSet::IN);
         let tap = Events::new(&self.tap, EventSet::IN | EventSet::EDGE_TRIGGERED);
-        let watched = [
-            (rx_queue, "rx queue event"),
-            (tx_queue, "tx queue event"),
-            (tap, "tap"),
-        ];
+        let watched = [(rx_queue, "rx queue event"), (tx_queue, "tx queue event"), (tap, "tap")];
         for (events, what) in watched {
             if let Err(e) = ops.add(events) {
                 log::error!("net {}: cannot watch the {what}: {e}", self.tap_name());
@@ -50,10 +46,7 @@ impl Net {
 
     fn on_tap_event(&mut self, events: EventSet) {
         if events.intersects(EventSet::ERROR | EventSet::HANG_UP) {
-            log::error!(
-                "net {}: the tap reports an error or hang-up",
-                self.tap_name()
-            );
+            log::error!("net {}: the tap reports an error or hang-up", self.tap_name());
         }
         self.process_rx();
     }
@@ -71,10 +64,7 @@ fn drain(evt: &EventFd, what: &str) {
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            log::error!(
-                "net {}: cannot watch the activation event: {e}",
-                self.tap_name()
-            );
+            log::error!("net {}: cannot watch the activation event: {e}", self.tap_name());
         }
     }
 

@@ -97,10 +97,7 @@ pub fn read_tx_packet(
         }
         let start = packet.len();
         packet.resize(start + len, 0);
-        let out_of_memory = ChainError::OutOfMemory {
-            addr: desc.addr().0,
-            len: desc.len(),
-        };
+        let out_of_memory = ChainError::OutOfMemory { addr: desc.addr().0, len: desc.len() };
         let dst = packet.get_mut(start..).ok_or(ChainError::TooLong)?;
         mem.read_slice(dst, desc.addr()).map_err(|_| out_of_memory)
     })?;
@@ -137,20 +134,14 @@ pub struct RxBuffers {
 impl RxBuffers {
     /// Check the buffers of a receive chain.
     pub fn new(chain: Chain<'_>, mem: &GuestMemoryMmap) -> Result<RxBuffers, ChainError> {
-        let mut rx = RxBuffers {
-            buffers: Vec::new(),
-            capacity: 0,
-        };
+        let mut rx = RxBuffers { buffers: Vec::new(), capacity: 0 };
         walk(chain, true, |desc| {
             let len = desc.len() as usize;
             if len == 0 {
                 return Ok(());
             }
             if !GuestMemory::check_range(mem, desc.addr(), len, Permissions::Write) {
-                return Err(ChainError::OutOfMemory {
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                });
+                return Err(ChainError::OutOfMemory { addr: desc.addr().0, len: desc.len() });
             }
             rx.buffers.push((desc.addr(), len));
             rx.capacity = rx.capacity.saturating_add(len);
@@ -162,10 +153,7 @@ impl RxBuffers {
     /// Write `packet` from the start of the buffers, only if all of it fits.
     pub fn write_packet(&self, mem: &GuestMemoryMmap, packet: &[u8]) -> Result<(), ChainError> {
         if packet.len() > self.capacity {
-            return Err(ChainError::TooSmall {
-                needed: packet.len(),
-                capacity: self.capacity,
-            });
+            return Err(ChainError::TooSmall { needed: packet.len(), capacity: self.capacity });
         }
         let mut rest = packet;
         for &(addr, len) in &self.buffers {
@@ -173,10 +161,7 @@ impl RxBuffers {
                 break;
             }
             let (now, later) = rest.split_at(len.min(rest.len()));
-            let out_of_memory = ChainError::OutOfMemory {
-                addr: addr.0,
-                len: len as u32,
-            };
+            let out_of_memory = ChainError::OutOfMemory { addr: addr.0, len: len as u32 };
             mem.write_slice(now, addr).map_err(|_| out_of_memory)?;
             rest = later;
         }
@@ -210,12 +195,7 @@ mod tests {
         queue.set_used_ring_address(Some(driver.used_ring() as u32), Some(0));
         queue.set_ready(true);
         let alloc = GuestAlloc::new(0x10000, MEM_SIZE);
-        Setup {
-            mem,
-            driver,
-            queue,
-            alloc,
-        }
+        Setup { mem, driver, queue, alloc }
     }
 
     impl Setup {
@@ -227,19 +207,13 @@ mod tests {
         }
 
         fn tx(&mut self) -> Result<Vec<u8>, ChainError> {
-            let chain = self
-                .queue
-                .pop_descriptor_chain(&self.mem)
-                .expect("a published chain");
+            let chain = self.queue.pop_descriptor_chain(&self.mem).expect("a published chain");
             let mut packet = Vec::new();
             read_tx_packet(chain, &self.mem, &mut packet).map(|()| packet)
         }
 
         fn rx(&mut self) -> Result<RxBuffers, ChainError> {
-            let chain = self
-                .queue
-                .pop_descriptor_chain(&self.mem)
-                .expect("a published chain");
+            let chain = self.queue.pop_descriptor_chain(&self.mem).expect("a published chain");
             RxBuffers::new(chain, &self.mem)
         }
     }
@@ -252,16 +226,8 @@ mod tests {
     fn a_tx_packet_is_gathered_from_several_descriptors() {
         let mut s = setup();
         let bytes = packet(60);
-        let (a, b, c) = (
-            s.buffer(&bytes[..5]),
-            s.buffer(&bytes[5..12]),
-            s.buffer(&bytes[12..]),
-        );
-        s.driver.add_chain(&[
-            Desc::readable(a, 5),
-            Desc::readable(b, 7),
-            Desc::readable(c, 60),
-        ]);
+        let (a, b, c) = (s.buffer(&bytes[..5]), s.buffer(&bytes[5..12]), s.buffer(&bytes[12..]));
+        s.driver.add_chain(&[Desc::readable(a, 5), Desc::readable(b, 7), Desc::readable(c, 60)]);
         assert_eq!(s.tx().unwrap(), bytes);
     }
 
@@ -271,8 +237,7 @@ mod tests {
         let bytes = packet(20);
         let addr = s.buffer(&bytes);
         let len = bytes.len() as u32;
-        s.driver
-            .add_chain(&[Desc::readable(0, 0), Desc::readable(addr, len)]);
+        s.driver.add_chain(&[Desc::readable(0, 0), Desc::readable(addr, len)]);
         assert_eq!(s.tx().unwrap(), bytes);
         s.driver.add_chain(&[Desc::readable(addr, 0)]);
         assert_eq!(s.tx(), Err(ChainError::TooShort(0)));
@@ -284,8 +249,7 @@ mod tests {
         let bytes = packet(20);
         let addr = s.buffer(&bytes);
         let len = bytes.len() as u32;
-        s.driver
-            .add_chain(&[Desc::readable(addr, len), Desc::readable(addr + 4, 8)]);
+        s.driver.add_chain(&[Desc::readable(addr, len), Desc::readable(addr + 4, 8)]);
         let mut expected = bytes.clone();
         expected.extend_from_slice(&bytes[4..12]);
         assert_eq!(s.tx().unwrap(), expected);
@@ -297,25 +261,18 @@ mod tests {
         let addr = s.buffer(&packet(20));
         s.driver.add_chain(&[Desc::readable(addr, 8)]);
         assert_eq!(s.tx(), Err(ChainError::TooShort(8)));
-        s.driver
-            .add_chain(&[Desc::readable(addr, (VNET_HDR_LEN + ETH_HLEN - 1) as u32)]);
-        assert_eq!(
-            s.tx(),
-            Err(ChainError::TooShort(VNET_HDR_LEN + ETH_HLEN - 1))
-        );
+        s.driver.add_chain(&[Desc::readable(addr, (VNET_HDR_LEN + ETH_HLEN - 1) as u32)]);
+        assert_eq!(s.tx(), Err(ChainError::TooShort(VNET_HDR_LEN + ETH_HLEN - 1)));
     }
 
     #[test]
     fn tx_chains_longer_than_a_packet_are_refused() {
         let mut s = setup();
         let addr = s.alloc.alloc(MAX_PACKET_LEN as u64 + 1);
-        s.driver
-            .add_chain(&[Desc::readable(addr, MAX_PACKET_LEN as u32)]);
+        s.driver.add_chain(&[Desc::readable(addr, MAX_PACKET_LEN as u32)]);
         assert_eq!(s.tx().unwrap().len(), MAX_PACKET_LEN);
-        s.driver.add_chain(&[
-            Desc::readable(addr, 12),
-            Desc::readable(addr, MAX_FRAME_LEN as u32 + 1),
-        ]);
+        s.driver
+            .add_chain(&[Desc::readable(addr, 12), Desc::readable(addr, MAX_FRAME_LEN as u32 + 1)]);
         assert_eq!(s.tx(), Err(ChainError::TooLong));
         s.driver.add_chain(&[Desc::readable(addr, u32::MAX)]);
         assert_eq!(s.tx(), Err(ChainError::TooLong));
@@ -326,14 +283,10 @@ mod tests {
         let mut s = setup();
         let addr = s.buffer(&packet(20));
         for (bad, len) in [(MEM_SIZE, 40), (MEM_SIZE - 8, 40), (u64::MAX - 8, 40)] {
-            s.driver
-                .add_chain(&[Desc::readable(addr, 12), Desc::readable(bad, len)]);
+            s.driver.add_chain(&[Desc::readable(addr, 12), Desc::readable(bad, len)]);
             assert_eq!(s.tx(), Err(ChainError::OutOfMemory { addr: bad, len }));
             s.driver.add_chain(&[Desc::writable(bad, len)]);
-            assert_eq!(
-                s.rx().unwrap_err(),
-                ChainError::OutOfMemory { addr: bad, len }
-            );
+            assert_eq!(s.rx().unwrap_err(), ChainError::OutOfMemory { addr: bad, len });
         }
     }
 
@@ -341,11 +294,9 @@ mod tests {
     fn descriptors_in_the_wrong_direction_are_refused() {
         let mut s = setup();
         let addr = s.buffer(&packet(60));
-        s.driver
-            .add_chain(&[Desc::readable(addr, 12), Desc::writable(addr + 12, 60)]);
+        s.driver.add_chain(&[Desc::readable(addr, 12), Desc::writable(addr + 12, 60)]);
         assert_eq!(s.tx(), Err(ChainError::WrongDirection));
-        s.driver
-            .add_chain(&[Desc::writable(addr, 12), Desc::readable(addr + 12, 60)]);
+        s.driver.add_chain(&[Desc::writable(addr, 12), Desc::readable(addr + 12, 60)]);
         assert_eq!(s.rx().unwrap_err(), ChainError::WrongDirection);
     }
 
@@ -356,10 +307,8 @@ mod tests {
         s.driver.write_descriptor(3, addr, 4, VIRTQ_DESC_F_NEXT, 3);
         s.driver.publish(3);
         assert_eq!(s.tx(), Err(ChainError::Broken));
-        s.driver
-            .write_descriptor(4, addr, 4, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 5);
-        s.driver
-            .write_descriptor(5, addr, 4, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 4);
+        s.driver.write_descriptor(4, addr, 4, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 5);
+        s.driver.write_descriptor(5, addr, 4, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 4);
         s.driver.publish(4);
         assert_eq!(s.rx().unwrap_err(), ChainError::Broken);
     }
@@ -368,24 +317,18 @@ mod tests {
     fn chains_leading_out_of_the_table_are_refused() {
         let mut s = setup();
         let addr = s.buffer(&packet(20));
-        s.driver
-            .write_descriptor(3, addr, 32, VIRTQ_DESC_F_NEXT, QUEUE_SIZE);
+        s.driver.write_descriptor(3, addr, 32, VIRTQ_DESC_F_NEXT, QUEUE_SIZE);
         s.driver.publish(3);
         assert_eq!(s.tx(), Err(ChainError::Broken));
         s.driver.publish(QUEUE_SIZE + 1);
-        assert_eq!(
-            s.tx(),
-            Err(ChainError::Broken),
-            "a head outside the table is an empty chain"
-        );
+        assert_eq!(s.tx(), Err(ChainError::Broken), "a head outside the table is an empty chain");
     }
 
     #[test]
     fn a_bad_indirect_table_is_refused() {
         let mut s = setup();
         let table = s.alloc.alloc(64);
-        s.driver
-            .write_descriptor(3, table, 17, VIRTQ_DESC_F_INDIRECT, 0);
+        s.driver.write_descriptor(3, table, 17, VIRTQ_DESC_F_INDIRECT, 0);
         s.driver.publish(3);
         assert_eq!(s.tx(), Err(ChainError::Broken));
     }
@@ -394,11 +337,7 @@ mod tests {
     fn an_rx_packet_is_scattered_over_the_buffers() {
         let mut s = setup();
         let (a, b) = (s.alloc.alloc(10), s.alloc.alloc(100));
-        s.driver.add_chain(&[
-            Desc::writable(a, 10),
-            Desc::writable(0, 0),
-            Desc::writable(b, 100),
-        ]);
+        s.driver.add_chain(&[Desc::writable(a, 10), Desc::writable(0, 0), Desc::writable(b, 100)]);
         let buffers = s.rx().unwrap();
         let bytes = packet(40);
         buffers.write_packet(&s.mem, &bytes).unwrap();
@@ -415,13 +354,7 @@ mod tests {
         s.driver.add_chain(&[Desc::writable(addr, 30)]);
         let buffers = s.rx().unwrap();
         let err = buffers.write_packet(&s.mem, &packet(20)).unwrap_err();
-        assert_eq!(
-            err,
-            ChainError::TooSmall {
-                needed: 32,
-                capacity: 30
-            }
-        );
+        assert_eq!(err, ChainError::TooSmall { needed: 32, capacity: 30 });
         let mut back = [0u8; 30];
         s.mem.read_slice(&mut back, GuestAddress(addr)).unwrap();
         assert_eq!(back, [0xaa; 30]);
@@ -439,9 +372,6 @@ mod tests {
         let mut short = [7u8; 4];
         set_rx_header(&mut short);
         clear_tx_header(&mut short);
-        assert_eq!(
-            short, [7; 4],
-            "a buffer shorter than a header is left alone"
-        );
+        assert_eq!(short, [7; 4], "a buffer shorter than a header is left alone");
     }
 }

@@ -87,10 +87,7 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_PATH)
             .map_err(|source| open_error(name, source))?;
-        let tap = Tap {
-            file,
-            name: name.to_owned(),
-        };
+        let tap = Tap { file, name: name.to_owned() };
         tap.attach(ifr_name)?;
         tap.set_vnet_header_size()?;
         tap.disable_offloads()?;
@@ -152,11 +149,7 @@ impl Tap {
     fn check(&self, ret: libc::c_int, step: &'static str) -> Result<(), TapError> {
         if ret < 0 {
             let source = io::Error::last_os_error();
-            return Err(TapError::Setup {
-                tap: self.name.clone(),
-                step,
-                source,
-            });
+            return Err(TapError::Setup { tap: self.name.clone(), step, source });
         }
         Ok(())
     }
@@ -172,15 +165,11 @@ impl AsRawFd for Tap {
 fn interface_name(name: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], TapError> {
     let bytes = name.as_bytes();
     if bytes.len() >= libc::IFNAMSIZ {
-        return Err(TapError::NameTooLong {
-            tap: name.to_owned(),
-        });
+        return Err(TapError::NameTooLong { tap: name.to_owned() });
     }
     let bad_byte = |b: &u8| matches!(b, b'/' | b':' | 0) || b.is_ascii_whitespace();
     if bytes.is_empty() || name == "." || name == ".." || bytes.iter().any(bad_byte) {
-        return Err(TapError::InvalidName {
-            tap: name.to_owned(),
-        });
+        return Err(TapError::InvalidName { tap: name.to_owned() });
     }
     let mut ifr_name = [0 as libc::c_char; libc::IFNAMSIZ];
     for (dst, &src) in ifr_name.iter_mut().zip(bytes) {
@@ -195,11 +184,7 @@ fn open_error(tap: &str, source: io::Error) -> TapError {
     match source.raw_os_error() {
         Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => TapError::NoTunDevice { tap, source },
         Some(libc::EACCES | libc::EPERM) => TapError::PermissionDenied { tap, source },
-        _ => TapError::Setup {
-            tap,
-            step: "open /dev/net/tun",
-            source,
-        },
+        _ => TapError::Setup { tap, step: "open /dev/net/tun", source },
     }
 }
 
@@ -210,11 +195,7 @@ fn attach_error(tap: &str, source: io::Error) -> TapError {
         Some(libc::EBUSY) => TapError::Busy { tap },
         Some(libc::EPERM | libc::EACCES) => TapError::PermissionDenied { tap, source },
         Some(libc::EINVAL) => TapError::NotATap { tap, source },
-        _ => TapError::Setup {
-            tap,
-            step: "TUNSETIFF",
-            source,
-        },
+        _ => TapError::Setup { tap, step: "TUNSETIFF", source },
     }
 }
 
@@ -230,10 +211,7 @@ mod tests {
         assert_eq!(tap.name(), name);
         assert!(interface_exists(&name));
         drop(tap);
-        assert!(
-            !interface_exists(&name),
-            "the non-persistent tap must vanish with its fd"
-        );
+        assert!(!interface_exists(&name), "the non-persistent tap must vanish with its fd");
     }
 
     #[test]
@@ -260,10 +238,7 @@ mod tests {
     fn invalid_names_are_refused() {
         for name in ["", ".", "..", "hk/a", "hk:a", "hk a", "hk\ta", "hk\0a"] {
             let err = Tap::open(name).unwrap_err();
-            assert!(
-                matches!(err, TapError::InvalidName { .. }),
-                "{name:?}: {err}"
-            );
+            assert!(matches!(err, TapError::InvalidName { .. }), "{name:?}: {err}");
         }
     }
 
@@ -286,30 +261,12 @@ mod tests {
     #[test]
     fn open_failures_are_classified() {
         let err = |errno| io::Error::from_raw_os_error(errno);
-        assert!(matches!(
-            open_error("t", err(libc::ENOENT)),
-            TapError::NoTunDevice { .. }
-        ));
-        assert!(matches!(
-            open_error("t", err(libc::EACCES)),
-            TapError::PermissionDenied { .. }
-        ));
-        assert!(matches!(
-            open_error("t", err(libc::EMFILE)),
-            TapError::Setup { .. }
-        ));
-        assert!(matches!(
-            attach_error("t", err(libc::EPERM)),
-            TapError::PermissionDenied { .. }
-        ));
-        assert!(matches!(
-            attach_error("t", err(libc::EBUSY)),
-            TapError::Busy { .. }
-        ));
+        assert!(matches!(open_error("t", err(libc::ENOENT)), TapError::NoTunDevice { .. }));
+        assert!(matches!(open_error("t", err(libc::EACCES)), TapError::PermissionDenied { .. }));
+        assert!(matches!(open_error("t", err(libc::EMFILE)), TapError::Setup { .. }));
+        assert!(matches!(attach_error("t", err(libc::EPERM)), TapError::PermissionDenied { .. }));
+        assert!(matches!(attach_error("t", err(libc::EBUSY)), TapError::Busy { .. }));
         let message = open_error("tap7", err(libc::ENOENT)).to_string();
-        assert!(
-            message.contains("tap7") && message.contains(TUN_PATH),
-            "{message}"
-        );
+        assert!(message.contains("tap7") && message.contains(TUN_PATH), "{message}");
     }
 }

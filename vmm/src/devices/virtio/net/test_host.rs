@@ -14,15 +14,8 @@ pub const TEST_ETHERTYPE: u16 = 0x88b5;
 /// A tap name no other test (of this or another test process) uses: "hk", the pid, a counter.
 pub fn unique_tap_name() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "hk{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    assert!(
-        name.len() < libc::IFNAMSIZ,
-        "{name} is too long for an interface name"
-    );
+    let name = format!("hk{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    assert!(name.len() < libc::IFNAMSIZ, "{name} is too long for an interface name");
     name
 }
 
@@ -55,27 +48,18 @@ pub fn bring_up(name: &str) {
         std::fs::write(&sysctl, "1").expect("disable IPv6 on the test tap");
     }
     // SAFETY: plain socket creation; the result is checked.
-    let sock = owned(
-        unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) },
-        "socket",
-    );
+    let sock = owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) }, "socket");
     // SAFETY: `ifreq` is plain data; all-zero bytes are a valid value of it.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, &src) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
         *dst = src as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS fills the flags of the valid `ifreq` it is given.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) },
-        "get flags",
-    );
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) }, "get flags");
     // SAFETY: SIOCGIFFLAGS has just written `ifru_flags`, the union's active field.
     unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads the valid `ifreq` it is given.
-    check(
-        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) },
-        "set flags",
-    );
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) }, "set flags");
 }
 
 /// A raw packet socket bound to one interface.
@@ -89,10 +73,7 @@ impl PacketSocket {
     pub fn bind(name: &str) -> PacketSocket {
         let kind = libc::SOCK_RAW | libc::SOCK_CLOEXEC;
         // SAFETY: plain socket creation; the result is checked.
-        let fd = owned(
-            unsafe { libc::socket(libc::AF_PACKET, kind, 0) },
-            "packet socket",
-        );
+        let fd = owned(unsafe { libc::socket(libc::AF_PACKET, kind, 0) }, "packet socket");
         // SAFETY: `sockaddr_ll` is plain data; all-zero bytes are a valid value of it.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
@@ -101,10 +82,7 @@ impl PacketSocket {
         let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
         let ptr = (&addr as *const libc::sockaddr_ll).cast();
         // SAFETY: `ptr` points to a `sockaddr_ll` of `len` bytes that outlives the call.
-        check(
-            unsafe { libc::bind(fd.as_raw_fd(), ptr, len) },
-            "bind packet socket",
-        );
+        check(unsafe { libc::bind(fd.as_raw_fd(), ptr, len) }, "bind packet socket");
         PacketSocket { fd }
     }
 
@@ -113,12 +91,7 @@ impl PacketSocket {
         // SAFETY: the pointer and length describe `frame`, which outlives the call.
         let sent =
             unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            sent,
-            frame.len() as isize,
-            "send: {}",
-            io::Error::last_os_error()
-        );
+        assert_eq!(sent, frame.len() as isize, "send: {}", io::Error::last_os_error());
     }
 
     /// The next test frame the interface receives within `timeout`.
@@ -127,11 +100,8 @@ impl PacketSocket {
         let mut buf = vec![0u8; 1 << 17];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfd =
+                libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: `pfd` is one valid pollfd that outlives the call.
             let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
             check(ready, "poll");
@@ -141,12 +111,7 @@ impl PacketSocket {
             let flags = libc::MSG_DONTWAIT;
             // SAFETY: the pointer and length describe `buf`, which outlives the call.
             let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    flags,
-                )
+                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags)
             };
             check(n as libc::c_int, "recv");
             let frame = &buf[..n as usize];

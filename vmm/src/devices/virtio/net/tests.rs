@@ -54,10 +54,7 @@ impl Harness {
     fn new() -> Harness {
         let tap_name = unique_tap_name();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let config = NetConfig {
-            tap_name: tap_name.clone(),
-            mac: Some(GUEST_MAC),
-        };
+        let config = NetConfig { tap_name: tap_name.clone(), mac: Some(GUEST_MAC) };
         let net = Arc::new(Mutex::new(Net::new(config, interrupt.clone()).unwrap()));
         bring_up(&tap_name);
         let host = PacketSocket::bind(&tap_name);
@@ -131,9 +128,7 @@ impl Harness {
     /// Guest memory of `len` bytes, each [`UNTOUCHED`].
     fn buffer(&mut self, len: usize) -> u64 {
         let addr = self.alloc.alloc(len as u64);
-        self.mem
-            .write_slice(&vec![UNTOUCHED; len], GuestAddress(addr))
-            .unwrap();
+        self.mem.write_slice(&vec![UNTOUCHED; len], GuestAddress(addr)).unwrap();
         addr
     }
 
@@ -160,10 +155,7 @@ impl Harness {
     /// Post an rx chain, and notify only if the device asked for it (EVENT_IDX), as a
     /// virtio driver does; the address of the header.
     fn post_rx_as_a_driver_does(&mut self, frame_room: usize) -> u64 {
-        let old: u16 = self
-            .mem
-            .read_obj(GuestAddress(self.rx.avail_ring() + 2))
-            .unwrap();
+        let old: u16 = self.mem.read_obj(GuestAddress(self.rx.avail_ring() + 2)).unwrap();
         let header = self.add_rx_chain(frame_room);
         let new = old.wrapping_add(1);
         let event = self.avail_event(RX_QUEUE);
@@ -180,8 +172,7 @@ impl Harness {
         let header = self.buffer(VNET_HDR_LEN + frame_room);
         let frame = header + VNET_HDR_LEN as u64;
         let hdr = Desc::writable(header, VNET_HDR_LEN as u32);
-        self.rx
-            .add_chain(&[hdr, Desc::writable(frame, frame_room as u32)]);
+        self.rx.add_chain(&[hdr, Desc::writable(frame, frame_room as u32)]);
         header
     }
 
@@ -224,9 +215,7 @@ impl Harness {
 
     /// The frame the host catches next.
     fn host_receives(&self) -> Vec<u8> {
-        self.host
-            .recv_test_frame(PATIENCE)
-            .expect("a frame on the host")
+        self.host.recv_test_frame(PATIENCE).expect("a frame on the host")
     }
 
     /// Check a frame from the host arrives whole in the rx chain at `header`.
@@ -234,20 +223,13 @@ impl Harness {
         let (_, len) = self.next_rx_used();
         assert_eq!(len as usize, VNET_HDR_LEN + frame.len());
         assert_eq!(self.read_guest(header, VNET_HDR_LEN), RX_HEADER);
-        assert_eq!(
-            self.read_guest(header + VNET_HDR_LEN as u64, frame.len()),
-            frame
-        );
+        assert_eq!(self.read_guest(header + VNET_HDR_LEN as u64, frame.len()), frame);
     }
 
     /// Set the `used_event` field of a queue's available ring (EVENT_IDX): the driver wants
     /// an interrupt once the used index goes past `idx`.
     fn set_used_event(&self, queue: usize, idx: u16) {
-        let q = if queue == RX_QUEUE {
-            &self.rx
-        } else {
-            &self.tx
-        };
+        let q = if queue == RX_QUEUE { &self.rx } else { &self.tx };
         let addr = q.avail_ring() + 4 + 2 * u64::from(QUEUE_SIZE);
         self.mem.write_obj(idx, GuestAddress(addr)).unwrap();
     }
@@ -255,11 +237,7 @@ impl Harness {
     /// The `avail_event` field of a queue's used ring (EVENT_IDX): the device wants a
     /// notification once the available index goes past it.
     fn avail_event(&self, queue: usize) -> u16 {
-        let q = if queue == RX_QUEUE {
-            &self.rx
-        } else {
-            &self.tx
-        };
+        let q = if queue == RX_QUEUE { &self.rx } else { &self.tx };
         let addr = q.used_ring() + 4 + 8 * u64::from(QUEUE_SIZE);
         self.mem.read_obj(GuestAddress(addr)).unwrap()
     }
@@ -274,14 +252,7 @@ fn a_guest_frame_reaches_the_host() {
     assert_eq!(h.host_receives(), frame);
     assert_eq!(h.irqs(), 1);
     let counters = h.counters();
-    assert_eq!(
-        (
-            counters.tx_frames,
-            counters.tx_bytes,
-            counters.tx_bad_chains
-        ),
-        (1, 100, 0)
-    );
+    assert_eq!((counters.tx_frames, counters.tx_bytes, counters.tx_bad_chains), (1, 100, 0));
 }
 
 #[test]
@@ -294,10 +265,7 @@ fn a_host_frame_reaches_the_guest() {
     h.assert_received(header, &frame);
     assert_eq!(h.irqs(), 1);
     let counters = h.counters();
-    assert_eq!(
-        (counters.rx_frames, counters.rx_bytes, counters.rx_dropped),
-        (1, 1514, 0)
-    );
+    assert_eq!((counters.rx_frames, counters.rx_bytes, counters.rx_dropped), (1, 1514, 0));
 }
 
 #[test]
@@ -326,10 +294,7 @@ fn a_frame_too_big_for_the_rx_buffer_is_dropped_whole() {
     let small = h.post_rx(20);
     h.host.send(&test_frame(GUEST_MAC, 5, 60));
     assert_eq!(h.next_rx_used().1, 0);
-    assert_eq!(
-        h.read_guest(small, VNET_HDR_LEN + 20),
-        vec![UNTOUCHED; VNET_HDR_LEN + 20]
-    );
+    assert_eq!(h.read_guest(small, VNET_HDR_LEN + 20), vec![UNTOUCHED; VNET_HDR_LEN + 20]);
     assert_eq!(h.counters().rx_dropped, 1);
     let big = h.post_rx(1514);
     let frame = test_frame(GUEST_MAC, 6, 60);
@@ -372,11 +337,7 @@ fn publish_hostile_tx_chains(h: &mut Harness) -> usize {
         let base = 100 + 2 * i as u16;
         for (j, &(addr, len, flags, next)) in chain.iter().enumerate() {
             // `next` is relative to the chain's first slot, except when out of the table.
-            let next = if next >= QUEUE_SIZE {
-                next
-            } else {
-                base + next
-            };
+            let next = if next >= QUEUE_SIZE { next } else { base + next };
             h.tx.write_descriptor(base + j as u16, addr, len, flags, next);
         }
         h.tx.publish(base);
@@ -397,11 +358,7 @@ fn hostile_tx_chains_are_returned_unused_and_nothing_reaches_the_host() {
     let good = test_frame([0xff; 6], 7, 80);
     h.transmit(&good);
     assert_eq!(h.next_tx_used().1, 0);
-    assert_eq!(
-        h.host_receives(),
-        good,
-        "the first frame on the host is the good one"
-    );
+    assert_eq!(h.host_receives(), good, "the first frame on the host is the good one");
     let counters = h.counters();
     assert_eq!(counters.tx_bad_chains, hostile as u64 + 1);
     assert_eq!(counters.tx_frames, 1);
@@ -429,29 +386,15 @@ fn hostile_rx_chains_are_returned_empty_and_the_frame_waits_for_a_good_one() {
     h.assert_received(good, &frame);
     assert_eq!(h.read_guest(addr, 2000), vec![UNTOUCHED; 2000]);
     let counters = h.counters();
-    assert_eq!(
-        (
-            counters.rx_bad_chains,
-            counters.rx_frames,
-            counters.rx_dropped
-        ),
-        (3, 1, 0)
-    );
+    assert_eq!((counters.rx_bad_chains, counters.rx_frames, counters.rx_dropped), (3, 1, 0));
 }
 
 #[test]
 fn the_config_space_and_features_describe_the_card() {
     let mut h = Harness::new();
-    assert_eq!(
-        read_reg(&mut h.transport, 0x08),
-        1,
-        "device id: network card"
-    );
+    assert_eq!(read_reg(&mut h.transport, 0x08), 1, "device id: network card");
     write_reg(&mut h.transport, 0x14, 0);
-    assert_eq!(
-        u64::from(read_reg(&mut h.transport, 0x10)),
-        F_MAC | EVENT_IDX
-    );
+    assert_eq!(u64::from(read_reg(&mut h.transport, 0x10)), F_MAC | EVENT_IDX);
     write_reg(&mut h.transport, 0x14, 1);
     assert_eq!(u64::from(read_reg(&mut h.transport, 0x10)) << 32, VERSION_1);
     let mut mac = [0u8; 6];
@@ -474,14 +417,7 @@ fn the_default_mac_is_local_unicast_and_stable_for_the_tap_name() {
     assert_eq!(mac, Net::default_mac(&name));
     assert_ne!(mac, Net::default_mac(&unique_tap_name()));
     let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-    let net = Net::new(
-        NetConfig {
-            tap_name: name,
-            mac: None,
-        },
-        interrupt,
-    )
-    .unwrap();
+    let net = Net::new(NetConfig { tap_name: name, mac: None }, interrupt).unwrap();
     let mut config = [0u8; 6];
     net.read_config(0, &mut config);
     assert_eq!(config, mac);
@@ -491,47 +427,26 @@ fn the_default_mac_is_local_unicast_and_stable_for_the_tap_name() {
 fn bad_configurations_fail_the_build_and_name_the_tap() {
     let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     let build = |tap_name: &str, mac| {
-        let config = NetConfig {
-            tap_name: tap_name.to_owned(),
-            mac,
-        };
-        Net::new(config, interrupt.clone())
-            .err()
-            .expect("a failed build")
+        let config = NetConfig { tap_name: tap_name.to_owned(), mac };
+        Net::new(config, interrupt.clone()).err().expect("a failed build")
     };
     let name = unique_tap_name();
     let err = build(&name, Some([0x03, 0, 0, 0, 0, 1]));
     assert!(matches!(err, NetError::MulticastMac(_)), "{err}");
-    assert!(
-        !interface_exists(&name),
-        "no tap is created for a refused configuration"
-    );
+    assert!(!interface_exists(&name), "no tap is created for a refused configuration");
     let _first = build_net(&name);
     let err = build(&name, None);
     assert!(matches!(err, NetError::Tap(TapError::Busy { .. })), "{err}");
     assert!(err.to_string().contains(&name), "{err}");
     let err = build("a-name-far-too-long", None);
-    assert!(
-        matches!(err, NetError::Tap(TapError::NameTooLong { .. })),
-        "{err}"
-    );
+    assert!(matches!(err, NetError::Tap(TapError::NameTooLong { .. })), "{err}");
     let err = build("bad/name", None);
-    assert!(
-        matches!(err, NetError::Tap(TapError::InvalidName { .. })),
-        "{err}"
-    );
+    assert!(matches!(err, NetError::Tap(TapError::InvalidName { .. })), "{err}");
 }
 
 fn build_net(tap_name: &str) -> Net {
     let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-    Net::new(
-        NetConfig {
-            tap_name: tap_name.to_owned(),
-            mac: None,
-        },
-        interrupt,
-    )
-    .unwrap()
+    Net::new(NetConfig { tap_name: tap_name.to_owned(), mac: None }, interrupt).unwrap()
 }
 
 #[test]
@@ -594,11 +509,7 @@ fn the_device_works_again_after_a_reset_and_loses_no_frame_to_it() {
     let frame = test_frame([0xff; 6], 14, 64);
     h.transmit(&frame);
     assert_eq!(h.next_tx_used().1, 0);
-    assert_eq!(
-        h.host_receives(),
-        frame,
-        "the chain posted before the reset was dropped"
-    );
+    assert_eq!(h.host_receives(), frame, "the chain posted before the reset was dropped");
 }
 
 #[test]
@@ -626,11 +537,7 @@ fn with_event_idx_interrupts_follow_used_event() {
     h.transmit(&test_frame([0xff; 6], 14, 64));
     h.next_tx_used();
     h.run_until_idle();
-    assert_eq!(
-        h.irqs(),
-        0,
-        "the driver asked for an interrupt after the second chain only"
-    );
+    assert_eq!(h.irqs(), 0, "the driver asked for an interrupt after the second chain only");
     h.transmit(&test_frame([0xff; 6], 15, 64));
     h.next_tx_used();
     assert_eq!(h.irqs(), 1);

@@ -107,9 +107,7 @@ impl Vsock {
             .collect::<Result<Vec<_>, _>>()
             .map_err(VsockError::Queue)?;
         let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd);
-        let queue_evts = (0..NUM_QUEUES)
-            .map(|_| new_evt())
-            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = (0..NUM_QUEUES).map(|_| new_evt()).collect::<Result<Vec<_>, _>>()?;
         Ok(Vsock {
             guest_cid: config.guest_cid,
             queues,
@@ -137,12 +135,7 @@ impl Vsock {
     /// Consume the guest's tx packets.
     pub(super) fn process_tx(&mut self) {
         let Some(mem) = self.mem.as_ref() else { return };
-        let Vsock {
-            queues,
-            muxer,
-            payload,
-            ..
-        } = self;
+        let Vsock { queues, muxer, payload, .. } = self;
         let Some(queue) = queues.get_mut(TX_QUEUE) else {
             return;
         };
@@ -170,12 +163,7 @@ impl Vsock {
     /// Fill rx buffers with the packets the muxer has for the guest, as long as both last.
     pub(super) fn process_rx(&mut self) {
         let Some(mem) = self.mem.as_ref() else { return };
-        let Vsock {
-            queues,
-            muxer,
-            payload,
-            ..
-        } = self;
+        let Vsock { queues, muxer, payload, .. } = self;
         let Some(queue) = queues.get_mut(RX_QUEUE) else {
             return;
         };
@@ -232,9 +220,7 @@ impl Vsock {
 
 /// Write the muxer's next packet into `buffer`; `None` when it had nothing after all.
 fn fill_rx_buffer(buffer: RxBuffer<'_>, muxer: &mut Muxer, payload: &mut [u8]) -> Option<u32> {
-    let scratch = payload
-        .get_mut(..buffer.payload_capacity())
-        .unwrap_or_default();
+    let scratch = payload.get_mut(..buffer.payload_capacity()).unwrap_or_default();
     let hdr = muxer.next_rx_packet(scratch)?;
     let len = usize::try_from(hdr.len).unwrap_or(usize::MAX);
     let written = match scratch.get(..len) {
@@ -318,23 +304,16 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
-            "vsock: guest wrote {} bytes to read-only config at {offset:#x}",
-            data.len()
-        );
+        log::warn!("vsock: guest wrote {} bytes to read-only config at {offset:#x}", data.len());
     }
 
     fn activate(&mut self, mem: GuestMemoryMmap) -> Result<(), ActivateError> {
         let ready = |index: usize| self.queues.get(index).is_some_and(|q| q.ready());
         if !ready(RX_QUEUE) || !ready(TX_QUEUE) {
-            return Err(ActivateError::Device(
-                "vsock needs its rx and tx queues".into(),
-            ));
+            return Err(ActivateError::Device("vsock needs its rx and tx queues".into()));
         }
         let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        self.queues
-            .iter_mut()
-            .for_each(|q| q.set_event_idx(event_idx));
+        self.queues.iter_mut().for_each(|q| q.set_event_idx(event_idx));
         self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
         self.mem = Some(mem);
         Ok(())

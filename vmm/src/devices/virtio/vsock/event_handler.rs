@@ -27,11 +27,8 @@ pub mod token {
 }
 
 /// Each queue and the data its event is registered with.
-const QUEUE_TOKENS: [(usize, u32); 3] = [
-    (RX_QUEUE, token::RX_QUEUE),
-    (TX_QUEUE, token::TX_QUEUE),
-    (EVENT_QUEUE, token::EVENT_QUEUE),
-];
+const QUEUE_TOKENS: [(usize, u32); 3] =
+    [(RX_QUEUE, token::RX_QUEUE), (TX_QUEUE, token::TX_QUEUE), (EVENT_QUEUE, token::EVENT_QUEUE)];
 
 impl Vsock {
     fn on_activate_event(&mut self, ops: &mut EventOps) {
@@ -68,11 +65,9 @@ impl Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            token::ACTIVATE,
-            EventSet::IN,
-        )) {
+        if let Err(e) =
+            ops.add(Events::with_data(&self.activate_evt, token::ACTIVATE, EventSet::IN))
+        {
             log::error!("vsock: cannot register the activation event: {e:?}");
         }
     }
@@ -85,9 +80,7 @@ impl MutEventSubscriber for Vsock {
             token::EVENT_QUEUE => self.on_queue_event(EVENT_QUEUE),
             token::LISTENER => self.muxer.accept_clients(),
             token::TIMER => self.muxer.handle_timer(),
-            token::STREAM => self
-                .muxer
-                .handle_stream_event(events.fd(), events.event_set()),
+            token::STREAM => self.muxer.handle_stream_event(events.fd(), events.event_set()),
             other => log::warn!("vsock: event with unknown data {other}"),
         }
         let active = self.is_activated();

@@ -194,10 +194,7 @@ pub fn read_tx_packet(
         return malformed(PacketError::LengthMismatch { declared, present });
     }
     reader.read_exact(buf).map_err(PacketError::Memory)?;
-    Ok(TxPacket::Valid {
-        hdr,
-        payload_len: present,
-    })
+    Ok(TxPacket::Valid { hdr, payload_len: present })
 }
 
 /// The writable part of an rx chain, checked to hold a header and at least one payload byte
@@ -227,12 +224,8 @@ impl<'a> RxBuffer<'a> {
 
     /// Write `hdr` and `payload` (which must fit) and return the bytes written.
     pub fn write_packet(mut self, hdr: &VsockHeader, payload: &[u8]) -> Result<u32, PacketError> {
-        self.writer
-            .write_all(&hdr.to_bytes())
-            .map_err(PacketError::Memory)?;
-        self.writer
-            .write_all(payload)
-            .map_err(PacketError::Memory)?;
+        self.writer.write_all(&hdr.to_bytes()).map_err(PacketError::Memory)?;
+        self.writer.write_all(payload).map_err(PacketError::Memory)?;
         u32::try_from(self.writer.bytes_written())
             .map_err(|e| PacketError::Memory(std::io::Error::other(e)))
     }

@@ -94,10 +94,7 @@ impl Harness {
         let uds = dir.path().join("v.sock");
         let mem = guest_memory(GUEST_MEM);
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let config = VsockConfig {
-            guest_cid: GUEST_CID,
-            uds_path: uds.clone(),
-        };
+        let config = VsockConfig { guest_cid: GUEST_CID, uds_path: uds.clone() };
         let vsock = Arc::new(Mutex::new(Vsock::new(config, interrupt).unwrap()));
         let transport = MmioTransport::new(mem.clone(), vsock.clone());
         let mut em = EventManager::new().unwrap();
@@ -162,13 +159,7 @@ impl Harness {
 
     /// The number of interrupts raised since the last call.
     pub fn interrupts(&self) -> u64 {
-        self.vsock
-            .lock()
-            .unwrap()
-            .interrupt()
-            .irq_evt()
-            .read()
-            .unwrap_or(0)
+        self.vsock.lock().unwrap().interrupt().irq_evt().read().unwrap_or(0)
     }
 
     /// Post `n` rx buffers of `rx_buf_len` bytes and kick the rx queue.
@@ -176,8 +167,7 @@ impl Harness {
         for _ in 0..n {
             let head = self.rx_next;
             self.rx_next = (head + 1) % 256;
-            self.rxq
-                .write_descriptor(head, rx_slot(head), self.rx_buf_len, VIRTQ_DESC_F_WRITE, 0);
+            self.rxq.write_descriptor(head, rx_slot(head), self.rx_buf_len, VIRTQ_DESC_F_WRITE, 0);
             self.rxq.publish(head);
         }
         write_reg(&mut self.transport, 0x50, 0);
@@ -195,21 +185,15 @@ impl Harness {
         let head = self.tx_next;
         let base = TX_BASE + u64::from(head) * SLOT;
         assert!(payload.len() as u64 <= SLOT - 64);
-        self.mem
-            .write_slice(&hdr.to_bytes(), GuestAddress(base))
-            .unwrap();
-        self.mem
-            .write_slice(payload, GuestAddress(base + 64))
-            .unwrap();
+        self.mem.write_slice(&hdr.to_bytes(), GuestAddress(base)).unwrap();
+        self.mem.write_slice(payload, GuestAddress(base + 64)).unwrap();
         let second = (head + 1) % 256;
         if payload.is_empty() {
             self.txq.write_descriptor(head, base, HDR_LEN as u32, 0, 0);
             self.tx_next = second;
         } else {
-            self.txq
-                .write_descriptor(head, base, HDR_LEN as u32, VIRTQ_DESC_F_NEXT, second);
-            self.txq
-                .write_descriptor(second, base + 64, payload.len() as u32, 0, 0);
+            self.txq.write_descriptor(head, base, HDR_LEN as u32, VIRTQ_DESC_F_NEXT, second);
+            self.txq.write_descriptor(second, base + 64, payload.len() as u32, 0, 0);
             self.tx_next = (head + 2) % 256;
         }
         self.txq.publish(head);
@@ -220,8 +204,7 @@ impl Harness {
     pub fn send_raw_chain(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
         let head = self.tx_next;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            self.txq
-                .write_descriptor((head + i as u16) % 256, addr, len, flags, next);
+            self.txq.write_descriptor((head + i as u16) % 256, addr, len, flags, next);
         }
         self.tx_next = (head + descs.len() as u16) % 256;
         self.txq.publish(head);
@@ -233,8 +216,7 @@ impl Harness {
     pub fn post_raw_rx(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
         let head = self.rx_next;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            self.rxq
-                .write_descriptor((head + i as u16) % 256, addr, len, flags, next);
+            self.rxq.write_descriptor((head + i as u16) % 256, addr, len, flags, next);
         }
         self.rx_next = (head + descs.len() as u16) % 256;
         self.rxq.publish(head);
@@ -256,22 +238,13 @@ impl Harness {
         let mut packets = Vec::new();
         while let Some((head, len)) = self.rxq.pop_used() {
             let addr = rx_slot(head as u16);
-            assert!(
-                len as usize >= HDR_LEN,
-                "rx buffer returned with {len} bytes"
-            );
+            assert!(len as usize >= HDR_LEN, "rx buffer returned with {len} bytes");
             let mut raw = [0u8; HDR_LEN];
             self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
             let hdr = VsockHeader::from_bytes(&raw);
-            assert_eq!(
-                hdr.len as usize,
-                len as usize - HDR_LEN,
-                "used length matches the header"
-            );
+            assert_eq!(hdr.len as usize, len as usize - HDR_LEN, "used length matches the header");
             let mut payload = vec![0u8; hdr.len as usize];
-            self.mem
-                .read_slice(&mut payload, GuestAddress(addr + HDR_LEN as u64))
-                .unwrap();
+            self.mem.read_slice(&mut payload, GuestAddress(addr + HDR_LEN as u64)).unwrap();
             packets.push(RxPacket { hdr, payload });
         }
         packets
@@ -321,11 +294,7 @@ pub fn assert_packet(pkt: &RxPacket, op: u16, guest_port: u32, host_port: u32) {
     let hdr = &pkt.hdr;
     assert_eq!(hdr.op, op, "unexpected packet {hdr:?}");
     assert_eq!((hdr.src_cid, hdr.dst_cid), (HOST_CID, GUEST_CID), "{hdr:?}");
-    assert_eq!(
-        (hdr.src_port, hdr.dst_port),
-        (host_port, guest_port),
-        "{hdr:?}"
-    );
+    assert_eq!((hdr.src_port, hdr.dst_port), (host_port, guest_port), "{hdr:?}");
     assert_eq!(hdr.type_, TYPE_STREAM);
 }
 

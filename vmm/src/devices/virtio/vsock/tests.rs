@@ -80,24 +80,18 @@ impl GuestStream {
         self.host_fwd_cnt = pkt.hdr.fwd_cnt;
         self.received = self.received.wrapping_add(pkt.payload.len() as u32);
         let in_flight = self.received.wrapping_sub(self.fwd_told);
-        assert!(
-            in_flight <= self.buf_alloc,
-            "host overran our window: {in_flight} bytes"
-        );
+        assert!(in_flight <= self.buf_alloc, "host overran our window: {in_flight} bytes");
     }
 
     fn host_credit(&self) -> u32 {
-        self.host_buf_alloc
-            .saturating_sub(self.sent.wrapping_sub(self.host_fwd_cnt))
+        self.host_buf_alloc.saturating_sub(self.sent.wrapping_sub(self.host_fwd_cnt))
     }
 }
 
 /// Connect to the device's socket and ask for guest port `port`.
 fn connect_client(uds: &Path, port: u32) -> UnixStream {
     let mut stream = UnixStream::connect(uds).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     writeln!(stream, "CONNECT {port}").unwrap();
     stream
 }
@@ -119,9 +113,8 @@ fn read_line(stream: &mut UnixStream) -> String {
 fn write_pattern(mut stream: UnixStream, seed: u64, len: usize) {
     let mut offset = 0;
     while offset < len {
-        let chunk: Vec<u8> = (offset..len.min(offset + 50_000))
-            .map(|i| pattern_byte(seed, i as u64))
-            .collect();
+        let chunk: Vec<u8> =
+            (offset..len.min(offset + 50_000)).map(|i| pattern_byte(seed, i as u64)).collect();
         stream.write_all(&chunk).unwrap();
         offset += chunk.len();
     }
@@ -145,11 +138,7 @@ fn read_pattern(stream: &mut UnixStream, seed: u64) -> usize {
 fn check_pattern(data: &[u8], seed: u64, offset: usize) {
     for (i, b) in data.iter().enumerate() {
         let at = (offset + i) as u64;
-        assert_eq!(
-            *b,
-            pattern_byte(seed, at),
-            "byte {at} of stream {seed} is wrong"
-        );
+        assert_eq!(*b, pattern_byte(seed, at), "byte {at} of stream {seed} is wrong");
     }
 }
 
@@ -158,11 +147,7 @@ fn expect_request(h: &mut Harness, guest_port: u32) -> u32 {
     let pkt = h.expect_packet();
     assert_eq!(pkt.hdr.op, op::REQUEST, "{:?}", pkt.hdr);
     assert_eq!(pkt.hdr.dst_port, guest_port);
-    assert!(
-        pkt.hdr.src_port >= FIRST_HOST_PORT,
-        "host port {}",
-        pkt.hdr.src_port
-    );
+    assert!(pkt.hdr.src_port >= FIRST_HOST_PORT, "host port {}", pkt.hdr.src_port);
     assert_packet(&pkt, op::REQUEST, guest_port, pkt.hdr.src_port);
     pkt.hdr.src_port
 }
@@ -177,8 +162,7 @@ fn guest_connect(h: &mut Harness, port: u32, guest_port: u32) -> (UnixStream, Gu
     assert_packet(&pkt, op::RESPONSE, guest_port, port);
     gs.absorb(&pkt);
     let (peer, _) = service.accept().unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     (peer, gs)
 }
 
@@ -222,11 +206,7 @@ fn host_connect_streams_megabytes_both_ways_through_small_credit() {
     let (mut host_eof, mut shut_sent) = (false, false);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !(host_eof && shut_sent && client.is_finished()) {
-        assert!(
-            Instant::now() < deadline,
-            "transfer stalled: {} bytes in",
-            gs.received
-        );
+        assert!(Instant::now() < deadline, "transfer stalled: {} bytes in", gs.received);
         h.run(1);
         let packets = h.recv();
         for pkt in &packets {
@@ -255,9 +235,8 @@ fn host_connect_streams_megabytes_both_ways_through_small_credit() {
             if chunk == 0 {
                 break;
             }
-            let data: Vec<u8> = (0..chunk)
-                .map(|i| pattern_byte(TO_HOST, (gs.sent as usize + i) as u64))
-                .collect();
+            let data: Vec<u8> =
+                (0..chunk).map(|i| pattern_byte(TO_HOST, (gs.sent as usize + i) as u64)).collect();
             let hdr = gs.hdr(op::RW, 0, chunk);
             gs.sent += chunk as u32;
             h.place_tx(&hdr, &data);
@@ -292,21 +271,14 @@ fn one_way_guest_upload_is_paced_by_credit_updates() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut updates = 0;
     while (gs.sent as usize) < LEN {
-        assert!(
-            Instant::now() < deadline,
-            "upload stalled at {} bytes",
-            gs.sent
-        );
+        assert!(Instant::now() < deadline, "upload stalled at {} bytes", gs.sent);
         for _ in 0..16 {
-            let chunk = (LEN - gs.sent as usize)
-                .min(gs.host_credit() as usize)
-                .min(32 * 1024);
+            let chunk = (LEN - gs.sent as usize).min(gs.host_credit() as usize).min(32 * 1024);
             if chunk == 0 {
                 break;
             }
-            let data: Vec<u8> = (0..chunk)
-                .map(|i| pattern_byte(11, (gs.sent as usize + i) as u64))
-                .collect();
+            let data: Vec<u8> =
+                (0..chunk).map(|i| pattern_byte(11, (gs.sent as usize + i) as u64)).collect();
             let hdr = gs.hdr(op::RW, 0, chunk);
             gs.sent += chunk as u32;
             h.place_tx(&hdr, &data);
@@ -328,10 +300,7 @@ fn one_way_guest_upload_is_paced_by_credit_updates() {
         h.run(5);
     }
     assert_eq!(reader.join().unwrap(), LEN);
-    assert!(
-        updates >= LEN / (256 * 1024),
-        "only {updates} credit updates"
-    );
+    assert!(updates >= LEN / (256 * 1024), "only {updates} credit updates");
 }
 
 #[test]
@@ -375,10 +344,7 @@ fn guest_that_never_answers_times_out() {
     assert_rst(&pkt[0], 78, host_port);
     let (rest, waited) = client.join().unwrap();
     assert_eq!(rest, "");
-    assert!(
-        waited >= Duration::from_millis(1500),
-        "gave up after {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(1500), "gave up after {waited:?}");
     assert!(waited < Duration::from_secs(4), "gave up after {waited:?}");
     // A late answer finds no connection.
     let mut gs = GuestStream::new(78, host_port, 4096);
@@ -437,11 +403,7 @@ fn host_half_close_reaches_guest_as_send_shutdown() {
     assert_eq!(&buf, b"reply");
     gs.send(&mut h, op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, &[]);
     assert_rst(&h.expect_packet(), 1001, 53);
-    assert_eq!(
-        peer.read(&mut buf).unwrap(),
-        0,
-        "host socket closed after the guest's close"
-    );
+    assert_eq!(peer.read(&mut buf).unwrap(), 0, "host socket closed after the guest's close");
 }
 
 #[test]
@@ -462,19 +424,12 @@ fn guest_connect_to_absent_service_is_reset() {
 fn malformed_connect_lines_are_dropped() {
     let mut h = Harness::new();
     h.post_rx(8);
-    let lines: [&[u8]; 5] = [
-        b"HELLO 5\n",
-        b"CONNECT five\n",
-        b"CONNECT 99999999999\n",
-        b"CONNECT 1 2\n",
-        &[b'C'; 200],
-    ];
+    let lines: [&[u8]; 5] =
+        [b"HELLO 5\n", b"CONNECT five\n", b"CONNECT 99999999999\n", b"CONNECT 1 2\n", &[b'C'; 200]];
     let mut clients = Vec::new();
     for line in lines {
         let mut stream = UnixStream::connect(&h.uds).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         stream.write_all(line).unwrap();
         clients.push(stream);
     }
@@ -513,11 +468,7 @@ fn host_data_waits_for_rx_buffers() {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < LEN {
-        assert!(
-            Instant::now() < deadline,
-            "only {} bytes arrived",
-            got.len()
-        );
+        assert!(Instant::now() < deadline, "only {} bytes arrived", got.len());
         h.post_rx(8);
         h.run(10);
         for pkt in h.recv() {
@@ -590,29 +541,15 @@ fn guest_overrunning_its_credit_is_reset() {
     assert!(forwarded.iter().all(|&b| b == 0x5a));
     // The host socket took `forwarded` bytes; the device buffers at most its window beyond.
     let window = 256 * 1024;
-    assert!(
-        accepted * CHUNK <= forwarded.len() + window,
-        "{accepted} packets accepted"
-    );
-    assert!(
-        (accepted + 1) * CHUNK > forwarded.len() + window,
-        "{accepted} packets accepted"
-    );
+    assert!(accepted * CHUNK <= forwarded.len() + window, "{accepted} packets accepted");
+    assert!((accepted + 1) * CHUNK > forwarded.len() + window, "{accepted} packets accepted");
 }
 
 #[test]
 fn packets_without_a_connection_are_reset() {
     let mut h = Harness::new();
     h.post_rx(16);
-    for op in [
-        op::RW,
-        op::RESPONSE,
-        op::SHUTDOWN,
-        op::CREDIT_UPDATE,
-        op::CREDIT_REQUEST,
-        0,
-        99,
-    ] {
+    for op in [op::RW, op::RESPONSE, op::SHUTDOWN, op::CREDIT_UPDATE, op::CREDIT_REQUEST, 0, 99] {
         h.send(&guest_hdr(2000, 60, op), &[]);
         assert_rst(&h.expect_packet(), 2000, 60);
     }
@@ -624,22 +561,13 @@ fn packets_without_a_connection_are_reset() {
 fn wrong_type_or_destination_is_reset_and_spoofed_source_dropped() {
     let mut h = Harness::new();
     h.post_rx(16);
-    let seqpacket = VsockHeader {
-        type_: 2,
-        ..guest_hdr(2001, 61, op::REQUEST)
-    };
+    let seqpacket = VsockHeader { type_: 2, ..guest_hdr(2001, 61, op::REQUEST) };
     h.send(&seqpacket, &[]);
     assert_rst(&h.expect_packet(), 2001, 61);
-    let other_vm = VsockHeader {
-        dst_cid: 7,
-        ..guest_hdr(2001, 61, op::REQUEST)
-    };
+    let other_vm = VsockHeader { dst_cid: 7, ..guest_hdr(2001, 61, op::REQUEST) };
     h.send(&other_vm, &[]);
     assert_rst(&h.expect_packet(), 2001, 61);
-    let spoofed = VsockHeader {
-        src_cid: 9,
-        ..guest_hdr(2001, 61, op::REQUEST)
-    };
+    let spoofed = VsockHeader { src_cid: 9, ..guest_hdr(2001, 61, op::REQUEST) };
     h.send(&spoofed, &[]);
     expect_silence(&mut h);
 }
@@ -674,9 +602,7 @@ fn bad_lengths_reset_the_connection() {
         let port = 70 + i as u32;
         let (mut peer, mut gs) = guest_connect(&mut h, port, 1007);
         let hdr = gs.hdr(op::RW, 0, len);
-        h.mem
-            .write_slice(&hdr.to_bytes(), GuestAddress(SCRATCH))
-            .unwrap();
+        h.mem.write_slice(&hdr.to_bytes(), GuestAddress(SCRATCH)).unwrap();
         let head = h.tx_slot_index();
         h.send_raw_chain(&[
             (SCRATCH, HDR_LEN as u32, VIRTQ_DESC_F_NEXT, head + 1),
@@ -684,11 +610,7 @@ fn bad_lengths_reset_the_connection() {
         ]);
         assert_rst(&h.expect_packet(), 1007, port);
         let mut buf = [0u8; 1];
-        assert_eq!(
-            peer.read(&mut buf).unwrap(),
-            0,
-            "case {i}: host side closed, nothing sent"
-        );
+        assert_eq!(peer.read(&mut buf).unwrap(), 0, "case {i}: host side closed, nothing sent");
         let mut last = None;
         while let Some(entry) = h.txq.pop_used() {
             last = Some(entry);
@@ -702,9 +624,7 @@ fn hostile_tx_chains_are_returned_and_the_device_goes_on() {
     let mut h = Harness::new();
     h.post_rx(16);
     let request = guest_hdr(3000, 90, op::REQUEST);
-    h.mem
-        .write_slice(&request.to_bytes(), GuestAddress(SCRATCH))
-        .unwrap();
+    h.mem.write_slice(&request.to_bytes(), GuestAddress(SCRATCH)).unwrap();
     let hdr_len = HDR_LEN as u32;
     let outside = GUEST_MEM as u64 + 0x1000;
     let head = h.tx_slot_index();
@@ -735,11 +655,7 @@ fn hostile_tx_chains_are_returned_and_the_device_goes_on() {
     while let Some(entry) = h.txq.pop_used() {
         used.push(entry);
     }
-    assert_eq!(
-        used.len(),
-        chains.len() + 1,
-        "every chain returned: {used:?}"
-    );
+    assert_eq!(used.len(), chains.len() + 1, "every chain returned: {used:?}");
     assert!(used.iter().all(|&(_, len)| len == 0));
     assert_eq!(used[0].0, u32::from(head));
     assert!(h.recv().is_empty(), "no packet from garbage");
@@ -781,11 +697,7 @@ fn unusable_rx_buffers_are_returned_empty_and_lose_nothing() {
     while let Some(entry) = h.rxq.pop_used() {
         used.push(entry);
     }
-    assert_eq!(
-        used,
-        vec![(0, 0), (1, 0), (2, 0), (3, 0)],
-        "bad buffers returned with nothing"
-    );
+    assert_eq!(used, vec![(0, 0), (1, 0), (2, 0), (3, 0)], "bad buffers returned with nothing");
     // The RST waited for a usable buffer; the header may straddle two descriptors.
     h.post_raw_rx(&[
         (rx_slot(4), 30, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 5),
@@ -794,9 +706,7 @@ fn unusable_rx_buffers_are_returned_empty_and_lose_nothing() {
     h.settle(20);
     assert_eq!(h.rxq.pop_used(), Some((4, HDR_LEN as u32)));
     let mut raw = [0u8; HDR_LEN];
-    h.mem
-        .read_slice(&mut raw, GuestAddress(rx_slot(4)))
-        .unwrap();
+    h.mem.read_slice(&mut raw, GuestAddress(rx_slot(4))).unwrap();
     let hdr = VsockHeader::from_bytes(&raw);
     assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (op::RST, 92, 3002));
 }
@@ -817,16 +727,8 @@ fn reset_drops_connections_and_keeps_listening() {
     h.settle(20);
     assert!(!h.vsock.lock().unwrap().is_activated());
     let mut buf = [0u8; 1];
-    assert_eq!(
-        client.read(&mut buf).unwrap(),
-        0,
-        "host-initiated connection closed"
-    );
-    assert_eq!(
-        peer.read(&mut buf).unwrap(),
-        0,
-        "guest-initiated connection closed"
-    );
+    assert_eq!(client.read(&mut buf).unwrap(), 0, "host-initiated connection closed");
+    assert_eq!(peer.read(&mut buf).unwrap(), 0, "guest-initiated connection closed");
 
     // While reset, clients wait in the backlog; once active again they are served.
     let _waiting = connect_client(&h.uds, 302);
@@ -843,22 +745,13 @@ fn reset_drops_connections_and_keeps_listening() {
 fn queue_events_before_activation_are_ignored() {
     let dir = TempDir::new();
     let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-    let config = VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: dir.path().join("v.sock"),
-    };
-    let vsock = Arc::new(std::sync::Mutex::new(
-        Vsock::new(config, interrupt).unwrap(),
-    ));
+    let config = VsockConfig { guest_cid: GUEST_CID, uds_path: dir.path().join("v.sock") };
+    let vsock = Arc::new(std::sync::Mutex::new(Vsock::new(config, interrupt).unwrap()));
     let mut em = event_manager::EventManager::<Arc<std::sync::Mutex<Vsock>>>::new().unwrap();
     event_manager::SubscriberOps::add_subscriber(&mut em, vsock.clone());
     vsock.lock().unwrap().activate_evt().write(1).unwrap();
     assert_eq!(em.run_with_timeout(50).unwrap(), 1);
-    assert_eq!(
-        em.run_with_timeout(50).unwrap(),
-        0,
-        "queue events are not registered yet"
-    );
+    assert_eq!(em.run_with_timeout(50).unwrap(), 0, "queue events are not registered yet");
     assert!(!vsock.lock().unwrap().is_activated());
 }
 
@@ -869,9 +762,7 @@ fn event_idx_suppresses_and_requests_notifications() {
     h.post_rx(8);
     let used_event = |q: &crate::devices::virtio::test_utils::QueueDriver| q.avail_ring() + 4 + 512;
     // The driver asks for an interrupt only after the 5th used rx buffer.
-    h.mem
-        .write_obj(4u16, GuestAddress(used_event(&h.rxq)))
-        .unwrap();
+    h.mem.write_obj(4u16, GuestAddress(used_event(&h.rxq))).unwrap();
     h.interrupts();
     for port in 0..4 {
         h.send(&guest_hdr(4000 + port, 93, op::REQUEST), &[]);
@@ -882,15 +773,9 @@ fn event_idx_suppresses_and_requests_notifications() {
     assert_rst(&h.expect_packet(), 4010, 93);
     assert!(h.interrupts() > 0, "the 5th rx buffer interrupts");
     // The tx queue's used event is 0: after its first chain, no tx interrupts were asked for.
-    assert!(
-        rx_interrupts <= 1,
-        "{rx_interrupts} interrupts before used_event was reached"
-    );
+    assert!(rx_interrupts <= 1, "{rx_interrupts} interrupts before used_event was reached");
     // After draining tx the device asks to be kicked at the next new chain.
-    let avail_event: u16 = h
-        .mem
-        .read_obj(GuestAddress(h.txq.used_ring() + 4 + 8 * 256))
-        .unwrap();
+    let avail_event: u16 = h.mem.read_obj(GuestAddress(h.txq.used_ring() + 4 + 8 * 256)).unwrap();
     assert_eq!(avail_event, h.tx_slot_index());
 }
 
@@ -905,10 +790,7 @@ fn config_space_and_features() {
     let vsock = h.vsock.lock().unwrap();
     assert_eq!(vsock.avail_features(), VERSION_1 | EVENT_IDX);
     assert_eq!(vsock.queues().len(), 3);
-    assert!(vsock
-        .queues()
-        .iter()
-        .all(|q| virtio_queue::QueueT::max_size(q) == 256));
+    assert!(vsock.queues().iter().all(|q| virtio_queue::QueueT::max_size(q) == 256));
 }
 
 #[test]
@@ -916,15 +798,9 @@ fn socket_path_in_use_is_an_error_and_drop_removes_the_file() {
     let h = Harness::new();
     let uds = h.uds.clone();
     let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-    let config = VsockConfig {
-        guest_cid: 4,
-        uds_path: uds.clone(),
-    };
+    let config = VsockConfig { guest_cid: 4, uds_path: uds.clone() };
     let err = Vsock::new(config, interrupt).unwrap_err();
-    assert!(
-        matches!(err, VsockError::Listener(ListenerError::InUse(_))),
-        "{err}"
-    );
+    assert!(matches!(err, VsockError::Listener(ListenerError::InUse(_))), "{err}");
     assert!(err.to_string().contains("socket path in use"), "{err}");
     assert!(uds.exists());
     let dir = h.into_dir();
@@ -937,24 +813,12 @@ fn invalid_cids_and_missing_directories_are_refused() {
     let dir = TempDir::new();
     let interrupt = || Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     for cid in [0, 1, HOST_CID, u64::from(u32::MAX), 1 << 32] {
-        let config = VsockConfig {
-            guest_cid: cid,
-            uds_path: dir.path().join("v.sock"),
-        };
+        let config = VsockConfig { guest_cid: cid, uds_path: dir.path().join("v.sock") };
         let err = Vsock::new(config, interrupt()).unwrap_err();
-        assert!(
-            matches!(err, VsockError::InvalidCid(c) if c == cid),
-            "{err}"
-        );
+        assert!(matches!(err, VsockError::InvalidCid(c) if c == cid), "{err}");
     }
     let missing = dir.path().join("nope");
-    let config = VsockConfig {
-        guest_cid: 3,
-        uds_path: missing.join("v.sock"),
-    };
+    let config = VsockConfig { guest_cid: 3, uds_path: missing.join("v.sock") };
     let err = Vsock::new(config, interrupt()).unwrap_err();
-    assert!(
-        err.to_string().contains(&*missing.to_string_lossy()),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
 }

@@ -191,10 +191,7 @@ impl Connection {
                 Verdict::Keep
             }
             (state, op) => {
-                log::debug!(
-                    "vsock {:?}: op {op} in state {state:?}, resetting",
-                    self.key
-                );
+                log::debug!("vsock {:?}: op {op} in state {state:?}, resetting", self.key);
                 Verdict::Reset
             }
         }
@@ -218,11 +215,7 @@ impl Connection {
 
     /// The deadline passed: give up on the handshake or on flushing before close.
     pub fn on_deadline(&self) -> Verdict {
-        log::debug!(
-            "vsock {:?}: deadline passed in state {:?}",
-            self.key,
-            self.state
-        );
+        log::debug!("vsock {:?}: deadline passed in state {:?}", self.key, self.state);
         Verdict::Reset
     }
 
@@ -358,10 +351,7 @@ impl Connection {
         }
         let unconsumed = u64::from((self.received - self.fwd_cnt).0);
         if unconsumed + payload.len() as u64 > u64::from(CONN_BUF_ALLOC) {
-            log::warn!(
-                "vsock {:?}: guest sent beyond its credit, resetting",
-                self.key
-            );
+            log::warn!("vsock {:?}: guest sent beyond its credit, resetting", self.key);
             return Verdict::Reset;
         }
         self.received += byte_count(payload.len());
@@ -463,10 +453,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::vsock::test_support::GUEST_CID;
 
-    const KEY: ConnKey = ConnKey {
-        local_port: 1 << 30,
-        peer_port: 77,
-    };
+    const KEY: ConnKey = ConnKey { local_port: 1 << 30, peer_port: 77 };
 
     fn guest_packet(op: u16, buf_alloc: u32, fwd_cnt: u32) -> VsockHeader {
         VsockHeader {
@@ -542,11 +529,7 @@ mod tests {
         assert_eq!(conn.on_guest_packet(&rw, &[1; 8]), Verdict::Keep);
         assert_eq!(conn.fwd_cnt, Wrapping(5), "forwarded count wrapped");
         conn.fwd_cnt = Wrapping(5) - Wrapping(CONN_BUF_ALLOC);
-        assert_eq!(
-            conn.on_guest_packet(&rw, &[1]),
-            Verdict::Reset,
-            "window overrun"
-        );
+        assert_eq!(conn.on_guest_packet(&rw, &[1]), Verdict::Reset, "window overrun");
     }
 
     #[test]
@@ -559,17 +542,11 @@ mod tests {
         assert!(
             matches!(conn.next_rx_packet(&mut buf), RxOutcome::Packet(h) if h.op == op::REQUEST)
         );
-        assert!(
-            conn.wanted_events().is_empty(),
-            "host socket unread before the guest accepts"
-        );
+        assert!(conn.wanted_events().is_empty(), "host socket unread before the guest accepts");
         let response = guest_packet(op::RESPONSE, 4096, 0);
         assert_eq!(conn.on_guest_packet(&response, &[]), Verdict::Keep);
         assert_eq!(conn.deadline(), None);
-        assert_eq!(
-            conn.on_guest_packet(&guest_packet(op::RW, 4096, 0), b"hi"),
-            Verdict::Keep
-        );
+        assert_eq!(conn.on_guest_packet(&guest_packet(op::RW, 4096, 0), b"hi"), Verdict::Keep);
         assert_eq!(conn.fwd_cnt, Wrapping(2));
         let mut got = vec![0u8; format!("OK {}\nhi", KEY.local_port).len()];
         std::io::Read::read_exact(&mut host, &mut got).unwrap();
@@ -579,24 +556,12 @@ mod tests {
     #[test]
     fn handshake_packets_out_of_place_reset() {
         let (mut conn, _host) = established(100);
-        assert_eq!(
-            conn.on_guest_packet(&guest_packet(op::RESPONSE, 100, 0), &[]),
-            Verdict::Reset
-        );
+        assert_eq!(conn.on_guest_packet(&guest_packet(op::RESPONSE, 100, 0), &[]), Verdict::Reset);
         let (mut conn, _host) = established(100);
-        assert_eq!(
-            conn.on_guest_packet(&guest_packet(op::REQUEST, 100, 0), &[]),
-            Verdict::Reset
-        );
+        assert_eq!(conn.on_guest_packet(&guest_packet(op::REQUEST, 100, 0), &[]), Verdict::Reset);
         let (mut conn, _host) = established(100);
-        let shut = VsockHeader {
-            flags: SHUTDOWN_SEND,
-            ..guest_packet(op::SHUTDOWN, 100, 0)
-        };
+        let shut = VsockHeader { flags: SHUTDOWN_SEND, ..guest_packet(op::SHUTDOWN, 100, 0) };
         assert_eq!(conn.on_guest_packet(&shut, &[]), Verdict::Keep);
-        assert_eq!(
-            conn.on_guest_packet(&guest_packet(op::RW, 100, 0), b"x"),
-            Verdict::Reset
-        );
+        assert_eq!(conn.on_guest_packet(&guest_packet(op::RW, 100, 0), b"x"), Verdict::Reset);
     }
 }

@@ -32,11 +32,7 @@ pub struct HostClient {
 impl HostClient {
     /// Track `stream` (non-blocking) until `deadline`.
     pub fn new(stream: UnixStream, deadline: Instant) -> Self {
-        HostClient {
-            stream,
-            line: Vec::with_capacity(MAX_LINE),
-            deadline,
-        }
+        HostClient { stream, line: Vec::with_capacity(MAX_LINE), deadline }
     }
 
     /// The client socket.
@@ -85,10 +81,7 @@ fn parse_connect(line: &[u8]) -> LineStatus {
     });
     match parsed {
         Some(port) => LineStatus::Connect(port),
-        None => LineStatus::Rejected(format!(
-            "malformed line {:?}",
-            String::from_utf8_lossy(line)
-        )),
+        None => LineStatus::Rejected(format!("malformed line {:?}", String::from_utf8_lossy(line))),
     }
 }
 
@@ -101,19 +94,13 @@ mod tests {
     fn client() -> (UnixStream, HostClient) {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        (
-            theirs,
-            HostClient::new(ours, Instant::now() + Duration::from_secs(1)),
-        )
+        (theirs, HostClient::new(ours, Instant::now() + Duration::from_secs(1)))
     }
 
     #[test]
     fn parses_connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 1234"), LineStatus::Connect(1234));
-        assert_eq!(
-            parse_connect(b"CONNECT 4294967295\r"),
-            LineStatus::Connect(u32::MAX)
-        );
+        assert_eq!(parse_connect(b"CONNECT 4294967295\r"), LineStatus::Connect(u32::MAX));
         for bad in [
             &b"CONNECT"[..],
             b"CONNECT ",
@@ -127,10 +114,7 @@ mod tests {
             b"CONNECT \xff",
             b"",
         ] {
-            assert!(
-                matches!(parse_connect(bad), LineStatus::Rejected(_)),
-                "{bad:?}"
-            );
+            assert!(matches!(parse_connect(bad), LineStatus::Rejected(_)), "{bad:?}");
         }
     }
 

@@ -116,25 +116,15 @@ impl Muxer {
     /// A well-formed tx packet from the guest.
     pub fn handle_guest_packet(&mut self, hdr: &VsockHeader, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid {
-            log::warn!(
-                "vsock: dropping packet with spoofed source cid {}",
-                hdr.src_cid
-            );
+            log::warn!("vsock: dropping packet with spoofed source cid {}", hdr.src_cid);
             return;
         }
         if hdr.type_ != TYPE_STREAM || hdr.dst_cid != HOST_CID {
-            log::debug!(
-                "vsock: refusing type {} packet to cid {}",
-                hdr.type_,
-                hdr.dst_cid
-            );
+            log::debug!("vsock: refusing type {} packet to cid {}", hdr.type_, hdr.dst_cid);
             self.refuse(hdr);
             return;
         }
-        let key = ConnKey {
-            local_port: hdr.dst_port,
-            peer_port: hdr.src_port,
-        };
+        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
         if hdr.op == op::RST {
             if self.connections.contains_key(&key) {
                 self.apply(key, Verdict::Close);
@@ -158,10 +148,7 @@ impl Muxer {
         if hdr.src_cid != self.guest_cid {
             return;
         }
-        let key = ConnKey {
-            local_port: hdr.dst_port,
-            peer_port: hdr.src_port,
-        };
+        let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
         if self.connections.contains_key(&key) {
             self.apply(key, Verdict::Reset);
         } else {
@@ -235,12 +222,8 @@ impl Muxer {
         if self.listener_paused_until.is_some_and(|until| until <= now) {
             self.listener_paused_until = None;
         }
-        let late_clients: Vec<RawFd> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.deadline() <= now)
-            .map(|(fd, _)| *fd)
-            .collect();
+        let late_clients: Vec<RawFd> =
+            self.clients.iter().filter(|(_, c)| c.deadline() <= now).map(|(fd, _)| *fd).collect();
         for fd in late_clients {
             log::debug!("vsock: host client sent no CONNECT line in time");
             self.retire_client(fd);
@@ -266,22 +249,12 @@ impl Muxer {
         self.release_retired(ops);
         self.sync_listener(ops, accepting);
         self.sync_timer(ops);
-        let Muxer {
-            clients,
-            connections,
-            registered,
-            ..
-        } = self;
+        let Muxer { clients, connections, registered, .. } = self;
         for (fd, _) in clients.iter() {
             watch_stream(ops, registered, *fd, EventSet::IN);
         }
         for conn in connections.values() {
-            watch_stream(
-                ops,
-                registered,
-                conn.stream().as_raw_fd(),
-                conn.wanted_events(),
-            );
+            watch_stream(ops, registered, conn.stream().as_raw_fd(), conn.wanted_events());
         }
     }
 
@@ -295,8 +268,7 @@ impl Muxer {
             return;
         }
         let deadline = Instant::now() + CONNECT_LINE_TIMEOUT;
-        self.clients
-            .insert(stream.as_raw_fd(), HostClient::new(stream, deadline));
+        self.clients.insert(stream.as_raw_fd(), HostClient::new(stream, deadline));
     }
 
     fn read_connect_line(&mut self, fd: RawFd) {
@@ -324,10 +296,7 @@ impl Muxer {
             self.retired.push(stream);
             return;
         };
-        let key = ConnKey {
-            local_port,
-            peer_port,
-        };
+        let key = ConnKey { local_port, peer_port };
         let deadline = Instant::now() + REQUEST_TIMEOUT;
         let conn = Connection::host_initiated(key, self.guest_cid, stream, deadline);
         self.insert(key, conn);
@@ -384,10 +353,7 @@ impl Muxer {
 
     /// Queue the connection for the rx queue if it has something to say and is not queued.
     fn schedule(&mut self, key: ConnKey) {
-        let pending = self
-            .connections
-            .get(&key)
-            .is_some_and(Connection::has_pending_rx);
+        let pending = self.connections.get(&key).is_some_and(Connection::has_pending_rx);
         if pending && self.queued.insert(key) {
             self.tickets.push_back(Ticket::Conn(key));
         }
@@ -396,10 +362,7 @@ impl Muxer {
     /// Answer a packet that has no connection with an RST (never an RST with an RST).
     fn refuse(&mut self, hdr: &VsockHeader) {
         if hdr.op != op::RST {
-            let key = ConnKey {
-                local_port: hdr.dst_port,
-                peer_port: hdr.src_port,
-            };
+            let key = ConnKey { local_port: hdr.dst_port, peer_port: hdr.src_port };
             self.push_control(rst_header(self.guest_cid, key));
         }
     }
@@ -442,11 +405,7 @@ impl Muxer {
             return;
         }
         let events = Events::with_data(&self.listener, token::LISTENER, EventSet::IN);
-        let result = if wanted {
-            ops.add(events)
-        } else {
-            ops.remove(events)
-        };
+        let result = if wanted { ops.add(events) } else { ops.remove(events) };
         match result {
             Ok(()) => self.listener_registered = wanted,
             Err(e) => log::error!("vsock: cannot update the listener's registration: {e:?}"),
@@ -480,10 +439,7 @@ impl Muxer {
     fn next_deadline(&self) -> Option<Instant> {
         let clients = self.clients.values().map(HostClient::deadline);
         let connections = self.connections.values().filter_map(Connection::deadline);
-        clients
-            .chain(connections)
-            .chain(self.listener_paused_until)
-            .min()
+        clients.chain(connections).chain(self.listener_paused_until).min()
     }
 }
 
@@ -543,22 +499,12 @@ mod tests {
         let dir = TempDir::new();
         let mut muxer = Muxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
         let (stream, _peer) = UnixStream::pair().unwrap();
-        let key = ConnKey {
-            local_port: FIRST_LOCAL_PORT,
-            peer_port: 5,
-        };
+        let key = ConnKey { local_port: FIRST_LOCAL_PORT, peer_port: 5 };
         let request = guest_hdr(5, FIRST_LOCAL_PORT, op::REQUEST);
-        muxer.insert(
-            key,
-            Connection::guest_initiated(key, GUEST_CID, stream, &request),
-        );
+        muxer.insert(key, Connection::guest_initiated(key, GUEST_CID, stream, &request));
         muxer.next_local_port = u32::MAX;
         assert_eq!(muxer.allocate_local_port(), Some(u32::MAX));
-        assert_eq!(
-            muxer.allocate_local_port(),
-            Some(FIRST_LOCAL_PORT + 1),
-            "wrapped, skipped"
-        );
+        assert_eq!(muxer.allocate_local_port(), Some(FIRST_LOCAL_PORT + 1), "wrapped, skipped");
     }
 
     #[test]
@@ -574,11 +520,7 @@ mod tests {
         assert_eq!((first.op, first.dst_port, first.src_port), (op::RST, 0, 9));
         assert_eq!(muxer.pending_control, MAX_PENDING_CONTROL - 1);
         muxer.handle_guest_packet(&guest_hdr(1, 9, op::RW), &[]);
-        assert_eq!(
-            muxer.tickets.len(),
-            MAX_PENDING_CONTROL,
-            "room for one more"
-        );
+        assert_eq!(muxer.tickets.len(), MAX_PENDING_CONTROL, "room for one more");
     }
 
     #[test]

@@ -54,15 +54,9 @@ impl HostListener {
             }
             Err(source) => return Err(bind_error(path, source)),
         };
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| bind_error(path, source))?;
+        listener.set_nonblocking(true).map_err(|source| bind_error(path, source))?;
         let meta = std::fs::symlink_metadata(path).map_err(|source| bind_error(path, source))?;
-        Ok(HostListener {
-            listener,
-            path: path.to_path_buf(),
-            file_id: (meta.dev(), meta.ino()),
-        })
+        Ok(HostListener { listener, path: path.to_path_buf(), file_id: (meta.dev(), meta.ino()) })
     }
 
     /// The listening socket.
@@ -90,10 +84,7 @@ impl Drop for HostListener {
 }
 
 fn bind_error(path: &Path, source: io::Error) -> ListenerError {
-    ListenerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    }
+    ListenerError::Bind { path: path.to_path_buf(), source }
 }
 
 fn check_parent(path: &Path) -> Result<(), ListenerError> {
@@ -130,11 +121,7 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let addr = socket_address(path)?;
     // SAFETY: socket(2) takes no pointers; the result is checked before use.
     let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
+        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -160,10 +147,8 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 /// The sockaddr_un for `path`, which must fit with its terminating NUL.
 fn socket_address(path: &Path) -> io::Result<libc::sockaddr_un> {
     let bytes = path.as_os_str().as_bytes();
-    let mut addr = libc::sockaddr_un {
-        sun_family: libc::AF_UNIX as libc::sa_family_t,
-        sun_path: [0; 108],
-    };
+    let mut addr =
+        libc::sockaddr_un { sun_family: libc::AF_UNIX as libc::sa_family_t, sun_path: [0; 108] };
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -181,12 +166,7 @@ pub fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call and
     // `stream` keeps the descriptor open.
     let sent = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL,
-        )
+        libc::send(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
     };
     usize::try_from(sent).map_err(|_| io::Error::last_os_error())
 }
@@ -201,10 +181,7 @@ mod tests {
         let dir = TempDir::new();
         let path = dir.path().join("v.sock");
         let listener = HostListener::bind(&path).unwrap();
-        assert!(std::fs::symlink_metadata(&path)
-            .unwrap()
-            .file_type()
-            .is_socket());
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
         UnixStream::connect(&path).unwrap();
         drop(listener);
         assert!(!path.exists(), "socket file left behind");
@@ -247,14 +224,8 @@ mod tests {
         let dir = TempDir::new();
         let parent = dir.path().join("absent");
         let err = HostListener::bind(&parent.join("v.sock")).unwrap_err();
-        assert!(
-            matches!(&err, ListenerError::MissingParent(p) if *p == parent),
-            "{err}"
-        );
-        assert!(
-            err.to_string().contains(&*parent.to_string_lossy()),
-            "{err}"
-        );
+        assert!(matches!(&err, ListenerError::MissingParent(p) if *p == parent), "{err}");
+        assert!(err.to_string().contains(&*parent.to_string_lossy()), "{err}");
     }
 
     #[test]
@@ -278,10 +249,7 @@ mod tests {
         let err = connect_nonblocking(&path).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
         let long = dir.path().join("x".repeat(200));
-        assert_eq!(
-            connect_nonblocking(&long).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(connect_nonblocking(&long).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
