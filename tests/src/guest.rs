@@ -31,31 +31,21 @@ pub fn guest_kernel() -> PathBuf {
     let path = std::env::var_os("HUSK_TEST_KERNEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("../shared/guest-kernel/vmlinux"));
-    assert!(
-        path.is_file(),
-        "guest kernel {} is missing (set HUSK_TEST_KERNEL)",
-        path.display()
-    );
+    assert!(path.is_file(), "guest kernel {} is missing (set HUSK_TEST_KERNEL)", path.display());
     path
 }
 
 /// The test initramfs built by `make test-initramfs`.
 pub fn test_initramfs() -> PathBuf {
     let path = repo_root().join("build/test-initramfs.cpio.gz");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make test-initramfs`",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing: run `make test-initramfs`", path.display());
     path
 }
 
 /// The `husk` binary: the one on PATH (the nested test host puts the fresh build there).
 pub fn husk_binary() -> PathBuf {
     let from_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("husk"))
-            .find(|p| p.is_file())
+        std::env::split_paths(&paths).map(|dir| dir.join("husk")).find(|p| p.is_file())
     });
     from_path.unwrap_or_else(|| repo_root().join("target/release/husk"))
 }
@@ -73,9 +63,24 @@ pub fn require_real_kvm() {
     );
 }
 
+/// A bzImage to boot: `HUSK_TEST_BZIMAGE`, else Debian's installed kernel (linux-image-amd64).
+pub fn bzimage_kernel() -> PathBuf {
+    if let Some(path) = std::env::var_os("HUSK_TEST_BZIMAGE") {
+        return PathBuf::from(path);
+    }
+    let mut installed: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    installed
+        .retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")));
+    installed.sort();
+    installed.pop().expect("no bzImage: install linux-image-amd64 or set HUSK_TEST_BZIMAGE")
+}
+
 /// A guest to start.
 pub struct GuestVm {
     dir: TempDir,
+    kernel: PathBuf,
     script: Option<String>,
     args: Vec<String>,
 }
@@ -84,11 +89,13 @@ impl GuestVm {
     /// A guest named `name` (for its temporary directory) with the default init behaviour.
     pub fn new(name: &str) -> Self {
         require_real_kvm();
-        GuestVm {
-            dir: TempDir::new(name),
-            script: None,
-            args: Vec::new(),
-        }
+        GuestVm { dir: TempDir::new(name), kernel: guest_kernel(), script: None, args: Vec::new() }
+    }
+
+    /// Boot `kernel` instead of the guest kernel.
+    pub fn kernel(mut self, kernel: PathBuf) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     /// The test's temporary directory (removed at the end).
@@ -114,11 +121,7 @@ impl GuestVm {
             return base;
         };
         let mut bytes = std::fs::read(&base).expect("read the test initramfs");
-        bytes.extend(
-            Cpio::new()
-                .file("test.sh", 0o755, script.as_bytes())
-                .finish(),
-        );
+        bytes.extend(Cpio::new().file("test.sh", 0o755, script.as_bytes()).finish());
         let path = self.dir.path().join("initrd.cpio");
         std::fs::write(&path, bytes).expect("write the test's initramfs");
         path
@@ -129,7 +132,7 @@ impl GuestVm {
         let console = self.dir.path().join("console.log");
         let mut cmd = Command::new(husk_binary());
         cmd.args(["vm", "run", "--kernel"])
-            .arg(guest_kernel())
+            .arg(&self.kernel)
             .arg("--initrd")
             .arg(self.initrd())
             .arg("--console")
@@ -140,12 +143,7 @@ impl GuestVm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd.spawn().expect("start husk vm run");
-        RunningGuest {
-            child: Some(child),
-            console,
-            dir: self.dir,
-            started: Instant::now(),
-        }
+        RunningGuest { child: Some(child), console, dir: self.dir, started: Instant::now() }
     }
 
     /// Start the guest and wait for it to end.
@@ -179,11 +177,9 @@ impl GuestResult {
     /// The value printed by the guest on a line `key=value`.
     pub fn value(&self, key: &str) -> Option<String> {
         let prefix = format!("{key}=");
-        self.console.lines().find_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix(&prefix)
-                .map(str::to_owned)
-        })
+        self.console
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix).map(str::to_owned))
     }
 
     /// Assert that husk exited 0 and `/test.sh` exited 0 too.
@@ -219,10 +215,7 @@ impl RunningGuest {
             if console.contains(marker) {
                 return console;
             }
-            let ended = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let ended = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if ended.is_some() || Instant::now() > deadline {
                 let result = self.finish();
                 panic!(
@@ -256,9 +249,7 @@ impl RunningGuest {
         let out = child.wait_with_output().expect("reap husk");
         let console = self.console();
         let test_exit = console.lines().find_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix("HUSK-TEST-EXIT=")
-                .and_then(|v| v.parse().ok())
+            l.trim_end_matches('\r').strip_prefix("HUSK-TEST-EXIT=").and_then(|v| v.parse().ok())
         });
         GuestResult {
             status: out.status,
