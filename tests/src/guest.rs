@@ -143,7 +143,7 @@ impl GuestVm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd.spawn().expect("start husk vm run");
-        RunningGuest { child: Some(child), console, dir: self.dir, started: Instant::now() }
+        RunningGuest { child: Some(child), console, dir: Some(self.dir), started: Instant::now() }
     }
 
     /// Start the guest and wait for it to end.
@@ -156,7 +156,8 @@ impl GuestVm {
 pub struct RunningGuest {
     child: Option<Child>,
     console: PathBuf,
-    dir: TempDir,
+    /// Moved into the result when the guest ends, so that the test can still read its files.
+    dir: Option<TempDir>,
     started: Instant,
 }
 
@@ -171,9 +172,17 @@ pub struct GuestResult {
     pub stderr: String,
     /// The exit status of `/test.sh`, if it ran to the end.
     pub test_exit: Option<i32>,
+    /// The test's temporary directory, kept (with the disk images a test handed the guest)
+    /// until the result is dropped.
+    dir: Option<TempDir>,
 }
 
 impl GuestResult {
+    /// The test's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("a result holds its directory").path()
+    }
+
     /// The value printed by the guest on a line `key=value`.
     pub fn value(&self, key: &str) -> Option<String> {
         let prefix = format!("{key}=");
@@ -198,7 +207,7 @@ impl GuestResult {
 impl RunningGuest {
     /// The test's temporary directory.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().expect("the guest has not finished").path()
     }
 
     /// The console so far.
@@ -256,6 +265,7 @@ impl RunningGuest {
             console,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             test_exit,
+            dir: self.dir.take(),
         }
     }
 }

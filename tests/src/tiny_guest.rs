@@ -239,6 +239,7 @@ pub fn elf_image(code: &[u8]) -> Vec<u8> {
 }
 
 /// A directory for one test's files, removed when dropped.
+#[derive(Debug)]
 pub struct TempDir(PathBuf);
 
 impl TempDir {

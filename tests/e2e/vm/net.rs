@@ -19,7 +19,10 @@ impl HostTap {
             let status = Command::new("ip").args(args).status().expect("ip runs");
             assert!(status.success(), "ip {args:?} failed");
         };
-        let _ = Command::new("ip").args(["link", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
         ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
         let tap = HostTap(name.to_owned());
         ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", name]);
