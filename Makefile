@@ -15,9 +15,14 @@ NESTED_CMDLINE := quiet lpj=5000000 tsc_early_khz=2600000 no_timer_check
 # Whether this machine's /dev/kvm is hardware KVM (VMX or SVM), else use the nested test host.
 HAVE_HW_KVM := $(shell grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ] && echo yes)
 
-.PHONY: all build husk test-initramfs check-kernel run test test-unit test-e2e kernel bench clean
+
+.PHONY: deps all build husk test-initramfs check-kernel run test test-unit test-e2e kernel bench clean
 
 all: build
+
+# Debian packages and Rust targets (installs only what is missing).
+deps:
+	.ci/install-deps
 
 build: husk test-initramfs
 
@@ -34,7 +39,7 @@ check-kernel:
 
 # Boot the guest and print what it prints. Without hardware KVM here, boot it inside the
 # nested test host (QEMU with emulated SVM).
-run: build check-kernel
+run: deps build check-kernel
 ifeq ($(HAVE_HW_KVM),yes)
 	$(HUSK) vm run --kernel $(KERNEL) --initrd $(TEST_INITRAMFS) --vcpus 2 --mem-mib 256 </dev/null
 else
@@ -43,7 +48,8 @@ else
 		--vcpus 2 --mem-mib 256 --cmdline "$(NESTED_CMDLINE)" </dev/null
 endif
 
-test: test-unit test-e2e
+test: deps
+	$(MAKE) test-unit test-e2e
 
 # Device models with no guest, the KVM plumbing with tiny guests (any /dev/kvm), the CLI.
 test-unit:
@@ -64,7 +70,7 @@ endif
 kernel:
 	guest-image/kernel/build.sh $(BUILD)/kernel
 
-bench: build check-kernel
+bench: deps build check-kernel
 	bench/run
 
 clean:
