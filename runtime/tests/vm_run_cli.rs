@@ -95,7 +95,13 @@ fn assert_fails_with(out: &Output, phrase: &str) {
 #[test]
 fn missing_kernel_is_a_clear_error() {
     let out = run(husk().args(["vm", "run", "--kernel", "/nonexistent/vmlinux"]));
-    assert_fails_with(&out, "cannot open kernel /nonexistent/vmlinux");
+    assert_fails_with(&out, "cannot open kernel /nonexistent/vmlinux: No such file or directory");
+    assert_eq!(
+        stderr(&out).matches("No such file").count(),
+        1,
+        "each cause once: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -145,6 +151,21 @@ fn memory_sizes_out_of_range_are_refused() {
     }
     let out = run(husk().args(["vm", "run", "--mem-mib", "lots", "--kernel"]).arg(&kernel));
     assert_fails_with(&out, "invalid value 'lots'");
+}
+
+#[test]
+fn memory_the_host_cannot_map_is_a_clear_error() {
+    let dir = TempDir::new("cli-mem-map");
+    let kernel = dir.write("k.elf", &hello_and_reset());
+    // An address-space limit (util-linux's prlimit) below the guest's size makes the mapping fail.
+    let out = run(Command::new("prlimit")
+        .arg(format!("--as={}", 512u64 << 20))
+        .arg(env!("CARGO_BIN_EXE_husk"))
+        .args(["vm", "run", "--mem-mib", "1024", "--kernel"])
+        .arg(&kernel)
+        .stdin(Stdio::null()));
+    assert_fails_with(&out, "cannot map 1024 MiB of guest memory");
+    assert_eq!(stderr(&out).matches("Cannot allocate memory").count(), 1, "{}", stderr(&out));
 }
 
 #[test]

@@ -32,7 +32,7 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel file cannot be opened.
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     KernelOpen {
         path: PathBuf,
         #[source]
@@ -42,14 +42,14 @@ pub enum BootError {
     #[error("{path} is not a kernel: not an ELF vmlinux ({elf}) and not a bzImage ({bzimage})")]
     NotAKernel { path: PathBuf, elf: loader::Error, bzimage: loader::Error },
     /// The kernel is of a known format but cannot be loaded (too large, bad addresses...).
-    #[error("cannot load kernel {path}: {source}")]
+    #[error("cannot load kernel {path}")]
     KernelLoad {
         path: PathBuf,
         #[source]
         source: loader::Error,
     },
     /// The initramfs file cannot be opened or read.
-    #[error("cannot read initramfs {path}: {source}")]
+    #[error("cannot read initramfs {path}")]
     InitrdRead {
         path: PathBuf,
         #[source]
@@ -59,17 +59,17 @@ pub enum BootError {
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitrdTooLarge { path: PathBuf, size: u64 },
     /// Copying the initramfs into guest memory failed.
-    #[error("cannot copy initramfs {path} into guest memory: {source}")]
+    #[error("cannot copy initramfs {path} into guest memory")]
     InitrdLoad {
         path: PathBuf,
         #[source]
         source: vm_memory::GuestMemoryError,
     },
     /// The command line cannot be written.
-    #[error("cannot write the kernel command line: {0}")]
+    #[error("cannot write the kernel command line")]
     Cmdline(#[source] loader::Error),
     /// The zero page cannot be written.
-    #[error("cannot write the zero page: {0}")]
+    #[error("cannot write the zero page")]
     ZeroPage(#[source] vm_memory::GuestMemoryError),
 }
 

@@ -34,7 +34,7 @@ pub enum KvmError {
     #[error("permission denied opening /dev/kvm: run as root or add the user to the group owning /dev/kvm")]
     KvmPermission,
     /// Any other failure to open /dev/kvm.
-    #[error("cannot open /dev/kvm: {0}")]
+    #[error("cannot open /dev/kvm")]
     KvmOpen(#[source] kvm_ioctls::Error),
     /// The host's KVM lacks a capability.
     #[error("the host's KVM lacks the {0} capability")]
@@ -43,7 +43,7 @@ pub enum KvmError {
     #[error("{requested} vCPUs requested, but this host's KVM allows at most {max}")]
     TooManyVcpus { requested: u8, max: usize },
     /// A KVM ioctl failed.
-    #[error("KVM cannot {what}: {source}")]
+    #[error("KVM cannot {what}")]
     Ioctl {
         what: &'static str,
         #[source]

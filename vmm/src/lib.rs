@@ -6,6 +6,7 @@ pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod error_chain;
 pub mod kvm_vm;
 pub mod memory;
 pub mod micro_vm;

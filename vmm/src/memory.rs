@@ -15,7 +15,7 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The host refused the mapping.
-    #[error("cannot map {mib} MiB of guest memory at {addr:#x}: {source}")]
+    #[error("cannot map {mib} MiB of guest memory at {addr:#x}")]
     Map {
         mib: u64,
         addr: u64,

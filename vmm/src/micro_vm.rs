@@ -66,10 +66,10 @@ pub enum VmmError {
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
     /// A device could not be placed on a bus.
-    #[error("cannot place a device: {0}")]
+    #[error("cannot place a device")]
     Bus(#[from] BusError),
     /// The kernel command line is too long or invalid.
-    #[error("invalid kernel command line: {0}")]
+    #[error("invalid kernel command line")]
     Cmdline(#[from] linux_loader::cmdline::Error),
     /// A disk could not be attached.
     #[error(transparent)]
@@ -81,7 +81,7 @@ pub enum VmmError {
     #[error(transparent)]
     Vsock(#[from] VsockError),
     /// The console file cannot be opened.
-    #[error("cannot open console output {path}: {source}")]
+    #[error("cannot open console output {path}")]
     Console {
         path: std::path::PathBuf,
         #[source]

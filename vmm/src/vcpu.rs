@@ -27,7 +27,7 @@ pub enum VcpuError {
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
     /// A vCPU ioctl failed.
-    #[error("cannot set vCPU {id} {what}: {source}")]
+    #[error("cannot set vCPU {id} {what}")]
     Ioctl {
         id: u8,
         what: &'static str,
@@ -38,7 +38,7 @@ pub enum VcpuError {
     #[error("KVM accepted only {set} of {wanted} boot MSRs")]
     Msrs { set: usize, wanted: usize },
     /// The vCPU thread could not be started.
-    #[error("cannot start the vCPU {id} thread: {source}")]
+    #[error("cannot start the vCPU {id} thread")]
     Spawn {
         id: u8,
         #[source]

@@ -29,7 +29,7 @@ pub enum MptableError {
     #[error("an MP table for {0} CPUs does not fit in the EBDA")]
     TooManyCpus(u8),
     /// Guest memory does not cover the EBDA.
-    #[error("cannot write the MP table: {0}")]
+    #[error("cannot write the MP table")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 

@@ -21,10 +21,10 @@ const EFER_LMA: u64 = 1 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
     /// Writing the GDT, IDT or page tables into guest memory failed.
-    #[error("cannot write boot structures into guest memory: {0}")]
+    #[error("cannot write boot structures into guest memory")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     /// A KVM register ioctl failed.
-    #[error("cannot set vCPU {what}: {source}")]
+    #[error("cannot set vCPU {what}")]
     Kvm {
         what: &'static str,
         #[source]

@@ -36,7 +36,7 @@ pub enum ActivateError {
     #[error("queue {0} is not valid")]
     InvalidQueue(usize),
     /// Waking the event loop failed.
-    #[error("cannot signal the activation event: {0}")]
+    #[error("cannot signal the activation event")]
     EventFd(#[source] std::io::Error),
     /// The device cannot work with what the driver negotiated or with its backend.
     #[error("{0}")]

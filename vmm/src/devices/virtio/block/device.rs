@@ -65,7 +65,7 @@ pub enum BlockError {
         path: PathBuf,
     },
     /// The image's size cannot be determined.
-    #[error("cannot find the size of disk image {}: {source}", .path.display())]
+    #[error("cannot find the size of disk image {}", .path.display())]
     Size {
         /// The image's path.
         path: PathBuf,
@@ -80,10 +80,10 @@ pub enum BlockError {
         id: String,
     },
     /// An eventfd cannot be created.
-    #[error("cannot create an event for the block device: {0}")]
+    #[error("cannot create an event for the block device")]
     EventFd(#[source] io::Error),
     /// The request queue cannot be created.
-    #[error("cannot create the block request queue: {0}")]
+    #[error("cannot create the block request queue")]
     Queue(#[source] virtio_queue::Error),
 }
 

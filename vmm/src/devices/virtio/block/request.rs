@@ -210,7 +210,7 @@ pub(super) enum RequestError {
         len: u32,
     },
     /// The host failed the I/O.
-    #[error("disk I/O failed: {0}")]
+    #[error("disk I/O failed")]
     Io(#[source] io::Error),
 }
 

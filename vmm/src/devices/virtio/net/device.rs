@@ -12,6 +12,7 @@
 //!   frame is ever given to the guest. A reset keeps the frame the device holds, as the tap
 //!   keeps the ones queued behind it: they go to the driver of the next activation.
 
+use crate::error_chain::ErrorChain;
 use std::io;
 use std::sync::Arc;
 
@@ -60,10 +61,10 @@ pub enum NetError {
     #[error("MAC address {} is a multicast address", format_mac(.0))]
     MulticastMac([u8; 6]),
     /// An event fd could not be created.
-    #[error("cannot create an event fd: {0}")]
+    #[error("cannot create an event fd")]
     EventFd(#[source] io::Error),
     /// A queue could not be created.
-    #[error("cannot create a virtio queue: {0}")]
+    #[error("cannot create a virtio queue")]
     Queue(#[source] virtio_queue::Error),
 }
 
@@ -171,7 +172,11 @@ impl Net {
             match packet::read_tx_packet(chain, mem, &mut self.tx_packet) {
                 Ok(()) => send_to_tap(&self.tap, &mut self.tx_packet, &mut self.counters),
                 Err(e) => {
-                    log::warn!("net {}: transmit chain {head} refused: {e}", self.tap.name());
+                    log::warn!(
+                        "net {}: transmit chain {head} refused: {}",
+                        self.tap.name(),
+                        ErrorChain(&e)
+                    );
                     self.counters.tx_bad_chains += 1;
                 }
             }
@@ -392,12 +397,12 @@ fn deliver(
             (packet.len() as u32, true)
         }
         Err(e @ ChainError::TooSmall { .. }) => {
-            log::debug!("net: received frame dropped: {e}");
+            log::debug!("net: received frame dropped: {}", ErrorChain(&e));
             counters.rx_dropped += 1;
             (0, true)
         }
         Err(e) => {
-            log::warn!("net: receive chain {head} refused: {e}");
+            log::warn!("net: receive chain {head} refused: {}", ErrorChain(&e));
             counters.rx_bad_chains += 1;
             (0, false)
         }

@@ -27,7 +27,7 @@ const TUN_PATH: &str = "/dev/net/tun";
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     /// There is no tun/tap driver to talk to.
-    #[error("cannot open {TUN_PATH} for tap {tap}: the tun driver is not available: {source}")]
+    #[error("cannot open {TUN_PATH} for tap {tap}: the tun driver is not available")]
     NoTunDevice {
         tap: String,
         #[source]
@@ -36,7 +36,7 @@ pub enum TapError {
     /// The process may not create the tap, or may not attach to the existing one.
     #[error(
         "no permission to open tap {tap}: creating a tap needs CAP_NET_ADMIN, and attaching to a \
-         persistent one needs to be its owner: {source}"
+         persistent one needs to be its owner"
     )]
     PermissionDenied {
         tap: String,
@@ -53,14 +53,14 @@ pub enum TapError {
     #[error("tap {tap} is busy: another process has it open")]
     Busy { tap: String },
     /// An interface of that name exists and is not a single-queue tap.
-    #[error("interface {tap} exists and is not a single-queue tap: {source}")]
+    #[error("interface {tap} exists and is not a single-queue tap")]
     NotATap {
         tap: String,
         #[source]
         source: io::Error,
     },
     /// Any other failure of an open or set-up step.
-    #[error("cannot set up tap {tap}: {step}: {source}")]
+    #[error("cannot set up tap {tap}: {step}")]
     Setup {
         tap: String,
         step: &'static str,

@@ -3,6 +3,7 @@
 //! Guest packets go to the Unix-socket [`Muxer`]; packets it has for the guest fill rx buffers
 //! while the guest provides them.
 
+use crate::error_chain::ErrorChain;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -51,13 +52,13 @@ pub enum VsockError {
     #[error(transparent)]
     Listener(#[from] ListenerError),
     /// The deadline timer could not be created.
-    #[error("cannot create the vsock timer: {0}")]
+    #[error("cannot create the vsock timer")]
     Timer(#[source] vmm_sys_util::errno::Error),
     /// An eventfd could not be created.
-    #[error("cannot create an eventfd: {0}")]
+    #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     /// A queue could not be created.
-    #[error("cannot create a virtqueue: {0}")]
+    #[error("cannot create a virtqueue")]
     Queue(#[source] virtio_queue::Error),
 }
 
@@ -148,7 +149,7 @@ impl Vsock {
                     muxer.handle_guest_packet(&hdr, data);
                 }
                 Ok(TxPacket::Malformed(bad)) => muxer.handle_malformed_packet(&bad),
-                Err(e) => log::warn!("vsock: dropping tx chain {head}: {e}"),
+                Err(e) => log::warn!("vsock: dropping tx chain {head}: {}", ErrorChain(&e)),
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
                 log::error!("vsock: cannot return tx chain {head}: {e}");
@@ -189,7 +190,7 @@ impl Vsock {
                     }
                 },
                 Err(e) => {
-                    log::warn!("vsock: unusable rx chain {head}: {e}");
+                    log::warn!("vsock: unusable rx chain {head}: {}", ErrorChain(&e));
                     0
                 }
             };
@@ -230,7 +231,7 @@ fn fill_rx_buffer(buffer: RxBuffer<'_>, muxer: &mut Muxer, payload: &mut [u8]) -
     match written {
         Ok(written) => Some(written),
         Err(e) => {
-            log::error!("vsock: lost a packet for the guest: {e}");
+            log::error!("vsock: lost a packet for the guest: {}", ErrorChain(&e));
             Some(0)
         }
     }

@@ -117,7 +117,7 @@ fn field<const N: usize>(raw: &[u8; HDR_LEN], at: usize) -> [u8; N] {
 #[derive(Debug, thiserror::Error)]
 pub enum PacketError {
     /// The chain's descriptors do not describe guest memory.
-    #[error("invalid descriptor chain: {0}")]
+    #[error("invalid descriptor chain")]
     Chain(#[source] virtio_queue::Error),
     /// Fewer readable bytes than a header.
     #[error("tx chain holds {0} readable bytes, less than a header")]
@@ -137,7 +137,7 @@ pub enum PacketError {
     #[error("rx chain holds {0} writable bytes, no room for a payload after a header")]
     RxBufferTooSmall(usize),
     /// Copying to or from guest memory failed.
-    #[error("guest memory access failed: {0}")]
+    #[error("guest memory access failed")]
     Memory(#[source] std::io::Error),
 }
 

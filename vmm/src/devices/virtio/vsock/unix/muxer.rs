@@ -7,6 +7,7 @@
 //! closed connection, rejected client) is parked in `retired` until [`Muxer::sync`] has removed it
 //! from epoll, because the event manager tracks registrations by fd number.
 
+use crate::error_chain::ErrorChain;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -144,7 +145,7 @@ impl Muxer {
     /// A tx packet whose length field is unusable: the stream it belongs to cannot go on.
     pub fn handle_malformed_packet(&mut self, packet: &MalformedPacket) {
         let hdr = &packet.hdr;
-        log::warn!("vsock: malformed packet from the guest: {}", packet.error);
+        log::warn!("vsock: malformed packet from the guest: {}", ErrorChain(&packet.error));
         if hdr.src_cid != self.guest_cid {
             return;
         }
@@ -485,7 +486,7 @@ pub enum MuxerError {
     #[error(transparent)]
     Listener(#[from] ListenerError),
     /// The deadline timer.
-    #[error("cannot create the vsock timer: {0}")]
+    #[error("cannot create the vsock timer")]
     Timer(#[source] vmm_sys_util::errno::Error),
 }
 

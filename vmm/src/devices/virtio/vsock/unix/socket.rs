@@ -22,7 +22,7 @@ pub enum ListenerError {
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
     /// The host refused to create the socket.
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Bind {
         /// The socket path.
         path: PathBuf,
