@@ -196,7 +196,7 @@ mod tests {
     use crate::arch::layout::CMDLINE_MAX_SIZE;
     use std::io::Write;
 
-    fn mem(size: usize) -> GuestMemoryMmap {
+    fn mem(size: usize) -> crate::memory::GuestRam {
         crate::memory::create_guest_memory(&[(GuestAddress(0), size)]).unwrap()
     }
 

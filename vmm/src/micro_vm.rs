@@ -28,7 +28,7 @@ use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::kvm_vm::{KvmError, KvmVm};
-use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::memory::{create_guest_memory, GuestMemoryMmap, GuestRam, MemoryError};
 use crate::vcpu::{kick, Vcpu, VcpuError, VcpuStop};
 
 /// What the VMM puts on every kernel command line: the serial console, reset through the
@@ -136,19 +136,21 @@ pub struct MicroVm {
     host_stop_evt: EventFd,
     stop: Arc<AtomicBool>,
     boot_time: Arc<Mutex<Option<Duration>>>,
-    /// Held only to keep guest memory mapped while the vCPUs run.
-    _mem: GuestMemoryMmap,
+    /// Held only to keep guest memory mapped while the vCPUs run; declared last, so that it
+    /// is unmapped after everything that uses it is gone.
+    _mem: GuestRam,
 }
 
 /// Everything a device needs while the VM is being built.
 pub(crate) struct VmBuilder {
     vm: KvmVm,
-    mem: GuestMemoryMmap,
     pio: Bus,
     mmio: Bus,
     event_manager: EventManager<Subscriber>,
     cmdline: Cmdline,
     virtio_devices: u32,
+    /// Declared last, so that on an error it is dropped after the devices that use it.
+    mem: GuestRam,
 }
 
 impl VmBuilder {
@@ -202,12 +204,12 @@ impl MicroVm {
         cmdline.insert_str(BASE_CMDLINE)?;
         let mut builder = VmBuilder {
             vm,
-            mem,
             pio: Bus::new(),
             mmio: Bus::new(),
             event_manager,
             cmdline,
             virtio_devices: 0,
+            mem,
         };
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -218,7 +220,8 @@ impl MicroVm {
             builder.cmdline.insert_str(config.extra_cmdline.trim())?;
         }
 
-        let VmBuilder { vm, mem, pio, mmio, mut event_manager, cmdline, .. } = builder;
+        // `mem` first: bindings are dropped in reverse, so on an error it goes after the devices.
+        let VmBuilder { mem, vm, pio, mmio, mut event_manager, cmdline, .. } = builder;
         let entry = load_guest(&mem, config, &cmdline)?;
 
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));

@@ -162,7 +162,7 @@ fn guest_reads_the_virtio_mmio_registers_of_a_disk() {
 }
 
 /// A KVM VM assembled from the VMM's parts, with `code` loaded at the entry point.
-fn bare_vm(code: &[u8]) -> (vmm::kvm_vm::KvmVm, vmm::memory::GuestMemoryMmap) {
+fn bare_vm(code: &[u8]) -> (vmm::kvm_vm::KvmVm, vmm::memory::GuestRam) {
     require_kvm();
     let vm = vmm::kvm_vm::KvmVm::new().expect("KVM VM");
     let mem = vmm::memory::create_guest_memory(&[(GuestAddress(0), 8 << 20)]).unwrap();
