@@ -146,6 +146,12 @@ impl KvmVm {
             .map_err(ioctl_err("report supported CPUID"))
     }
 
+    /// Whether the in-kernel LAPIC emulates the TSC-deadline timer mode. KVM does not report it
+    /// in the supported CPUID (the bit belongs to the LAPIC, not the CPU), so the VMM sets it.
+    pub fn has_tsc_deadline_timer(&self) -> bool {
+        self.kvm.check_extension(Cap::TscDeadlineTimer)
+    }
+
     /// The VM file descriptor, for tests and diagnostics that need raw ioctls.
     pub fn fd(&self) -> &VmFd {
         &self.fd
