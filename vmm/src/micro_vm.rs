@@ -245,6 +245,7 @@ impl MicroVm {
             outcome: None,
         }));
         event_manager.add_subscriber(exit_monitor.clone());
+        log::debug!("micro-VM built in {:?}", start.elapsed());
         Ok(MicroVm {
             _vm: vm,
             vcpus,
