@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import select
 import statistics
 import subprocess
 import sys
@@ -27,12 +28,30 @@ MARKER = b"HUSK-GUEST-UP"
 HUSK_BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off"
 
 
+# How long one boot may take before the run is given up (a hung guest or VMM).
+BOOT_TIMEOUT_S = 120
+
+
+def read_chunk(proc, deadline):
+    """The next bytes of proc.stdout (b"" at EOF); kills proc and exits after the deadline."""
+    fd = proc.stdout.fileno()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            proc.wait()
+            sys.exit(f"bench: no end after {BOOT_TIMEOUT_S} s, killed: {' '.join(proc.args)}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            return os.read(fd, 65536)
+
+
 def read_until_marker(proc, start):
     """Seconds from start until MARKER appears on proc.stdout, or None if it never does."""
     seen = b""
-    fd = proc.stdout.fileno()
+    deadline = start + BOOT_TIMEOUT_S
     while True:
-        chunk = os.read(fd, 4096)
+        chunk = read_chunk(proc, deadline)
         if not chunk:
             return None
         seen = (seen + chunk)[-4096:]
@@ -40,9 +59,10 @@ def read_until_marker(proc, start):
             return time.monotonic() - start
 
 
-def drain(proc):
+def drain(proc, start):
     """Read the rest of stdout so the guest never blocks on a full pipe."""
-    while os.read(proc.stdout.fileno(), 65536):
+    deadline = start + BOOT_TIMEOUT_S
+    while read_chunk(proc, deadline):
         pass
 
 
@@ -69,7 +89,7 @@ def boot_once(cmd, env):
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
     userspace = read_until_marker(proc, start)
-    drain(proc)
+    drain(proc, start)
     stderr = proc.stderr.read().decode(errors="replace")
     proc.wait()
     exit_s = time.monotonic() - start
