@@ -1,6 +1,6 @@
 #!/bin/bash
-# Build husk's guest kernel (an uncompressed ELF vmlinux, which husk boots directly) from a
-# kernel source tree and husk-guest.fragment.
+# Build husk's guest kernel from a kernel source tree and husk-guest.fragment: an uncompressed
+# ELF vmlinux (what husk boots fastest) and the same kernel as a bzImage.
 #   usage: build.sh OUTPUT_DIR
 #   KERNEL_SRC=DIR   use this source tree instead of Debian's linux-source package
 #   KVER=6.12        the Debian linux-source version to fetch (from trixie when the running
@@ -75,8 +75,9 @@ while read -r opt; do
 done < <(grep -E '^CONFIG_[A-Z0-9_]+=y' "$here/husk-guest.fragment")
 [ "$dropped" = 0 ] || exit 1
 start=$(date +%s)
-make -C "$src" O="$obj" ARCH=x86_64 -j"$JOBS" vmlinux > "$work/build.log" 2>&1 \
+make -C "$src" O="$obj" ARCH=x86_64 -j"$JOBS" vmlinux bzImage > "$work/build.log" 2>&1 \
 	|| { tail -30 "$work/build.log" >&2; exit 1; }
 cp "$obj/vmlinux" "$out/vmlinux"
+cp "$obj/arch/x86/boot/bzImage" "$out/bzImage"
 cp "$obj/.config" "$out/config"
-echo "guest kernel: $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes, built in $(( $(date +%s) - start )) s)"
+echo "guest kernel: $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes) and $out/bzImage, built in $(( $(date +%s) - start )) s"
