@@ -44,7 +44,9 @@ fn exit_codes_and_sigkill() {
     let (_, _, status) = agent.run("three", &spec(process(&["sh", "-c", "exit 3"])), rootfs.path());
     assert_eq!((status.exit_status, status.signal), (3, 0));
 
-    agent.create("sleeper", &spec(process(&["sleep", "1000"])), rootfs.path(), (false, false, false)).unwrap();
+    agent
+        .create("sleeper", &spec(process(&["sleep", "1000"])), rootfs.path(), (false, false, false))
+        .unwrap();
     agent.start_container("sleeper").unwrap();
     agent.signal("sleeper", "", libc::SIGKILL).unwrap();
     let status = agent.wait("sleeper", "").unwrap();
@@ -95,7 +97,10 @@ fn security_settings_apply() {
                   touch /written && echo rw-root; \
                   ls -l /dev/null | cut -c1-10";
     let mut s = spec(process(&["sh", "-c", script]));
-    s["linux"]["maskedPaths"].as_array_mut().unwrap().extend([json!("/etc/secret"), json!("/etc/secrets")]);
+    s["linux"]["maskedPaths"]
+        .as_array_mut()
+        .unwrap()
+        .extend([json!("/etc/secret"), json!("/etc/secrets")]);
     let (out, err, status) = agent.run("sec", &s, rootfs.path());
     // Docker's 14 default capabilities.
     let caps = "00000000a80425fb";
@@ -108,15 +113,20 @@ fn security_settings_apply() {
     );
     assert!(err.contains("Read-only file system"), "{err}");
     assert_eq!(status.exit_status, 0);
+    // The root is an overlay: the write did not reach the rootfs directory.
+    assert!(!rootfs.path().join("written").exists());
 }
 
 #[test]
 fn exec_into_a_running_container() {
     let agent = Agent::start();
     let rootfs = busybox_rootfs();
-    agent.create("svc", &spec(process(&["sleep", "1000"])), rootfs.path(), (false, false, false)).unwrap();
+    agent
+        .create("svc", &spec(process(&["sleep", "1000"])), rootfs.path(), (false, false, false))
+        .unwrap();
     // No exec before the container runs.
-    let (code, _) = status_of(agent.exec("svc", "early", &process(&["true"]), (false, false, false)));
+    let (code, _) =
+        status_of(agent.exec("svc", "early", &process(&["true"]), (false, false, false)));
     assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
     agent.start_container("svc").unwrap();
 
@@ -164,7 +174,8 @@ fn exec_into_a_running_container() {
     // Once the container's process is gone, so is the container for execs.
     agent.signal("svc", "", libc::SIGKILL).unwrap();
     assert_eq!(agent.wait("svc", "").unwrap().exit_status, 137);
-    let (code, msg) = status_of(agent.exec("svc", "late", &process(&["true"]), (false, false, false)));
+    let (code, msg) =
+        status_of(agent.exec("svc", "late", &process(&["true"]), (false, false, false)));
     assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
     agent.remove("svc", false).unwrap();
     agent.shutdown();
@@ -255,4 +266,248 @@ fn read_until(s: &mut std::os::unix::net::UnixStream, seen: &mut String, marker:
         assert!(n > 0, "EOF before {marker:?}; got {seen:?}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_agent_keeps_serving() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let good = spec(process(&["true"]));
+    let create_raw = |id: &str, json: &[u8], rootfs: pb::Rootfs| {
+        let mut req = pb::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = json.to_vec();
+        req.rootfs = Some(rootfs).into();
+        status(agent.client.create_container(ctx(), &req).unwrap_err())
+    };
+    let dir_rootfs = |path: &str| {
+        let mut r = pb::Rootfs::new();
+        r.set_directory(path.into());
+        r
+    };
+    let root = rootfs.path().display().to_string();
+    let good_json = serde_json::to_vec(&good).unwrap();
+
+    let (code, msg) = create_raw("c1", b"{not json", dir_rootfs(&root));
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("OCI spec is not valid"), "{msg}");
+    let (code, msg) = create_raw("../c1", &good_json, dir_rootfs(&root));
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("invalid container id"), "{msg}");
+    let (code, msg) = create_raw("c1", &good_json, dir_rootfs("/nonexistent/rootfs"));
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("does not exist"), "{msg}");
+    let mut disk = pb::Rootfs::new();
+    let mut block = pb::BlockDevice::new();
+    block.device = "/dev/vdz".into();
+    block.fstype = "ext4".into();
+    disk.set_block(block);
+    let (code, msg) = create_raw("c1", &good_json, disk);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("rootfs disk /dev/vdz is missing"), "{msg}");
+    let (code, msg) = create_raw("c1", &good_json, pb::Rootfs::new());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("no source"), "{msg}");
+
+    // Failures inside the container's setup come back with what failed.
+    let mut bad_mount = good.clone();
+    bad_mount["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/data", "type": "nosuchfs", "source": "x", "options": []}));
+    let (code, msg) =
+        status_of(agent.create("c1", &bad_mount, rootfs.path(), (false, false, false)));
+    assert_eq!(code, ttrpc::Code::INTERNAL);
+    assert!(msg.contains("/data type nosuchfs"), "{msg}");
+    let missing = spec(process(&["no-such-program"]));
+    let (_, msg) = status_of(agent.create("c1", &missing, rootfs.path(), (false, false, false)));
+    assert!(msg.contains("`no-such-program` not found in $PATH"), "{msg}");
+
+    // Unknown containers and processes.
+    for r in [
+        agent.start_container("ghost"),
+        agent.signal("ghost", "", 9),
+        agent.exec("ghost", "e", &process(&["true"]), (false, false, false)),
+        agent.remove("ghost", true),
+        agent.wait("ghost", "").map(drop),
+    ] {
+        let (code, msg) = status(r.unwrap_err());
+        assert_eq!(code, ttrpc::Code::NOT_FOUND, "{msg}");
+        assert!(msg.contains("no container \"ghost\""), "{msg}");
+    }
+    let e = agent.try_stream("ghost", "", StreamKind::Stdout).unwrap_err();
+    assert!(e.to_string().contains("no container"), "{e}");
+    // A stream header that is not one.
+    let mut s = std::os::unix::net::UnixStream::connect(agent.stdio_socket()).unwrap();
+    s.write_all(b"GET / HTTP/1.0\n").unwrap();
+    assert!(read_all(s).starts_with("ERR malformed stream header"));
+
+    // After all that, the agent still works, and the failed creates left no cgroups behind.
+    agent.create("c1", &good, rootfs.path(), (false, false, false)).unwrap();
+    let (code, _) = status_of(agent.create("c1", &good, rootfs.path(), (false, false, false)));
+    assert_eq!(code, ttrpc::Code::ALREADY_EXISTS);
+    agent.start_container("c1").unwrap();
+    assert_eq!(agent.wait("c1", "").unwrap().exit_status, 0);
+    agent.remove("c1", false).unwrap();
+    let left: Vec<_> = std::fs::read_dir(agent.cgroup_root())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+    let (out, _, _) = agent.run("echo", &spec(process(&["echo", "still here"])), rootfs.path());
+    assert_eq!(out, "still here\n");
+    agent.shutdown();
+}
+
+/// The agent's open descriptors, its zombie children, its stream threads and its mounts.
+fn agent_footprint(pid: u32) -> (usize, Vec<String>, usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let mut zombies = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        if fields.len() > 2 && fields[0] == "Z" && fields[1] == pid.to_string() {
+            zombies.push(stat);
+        }
+    }
+    // Stream threads (the ttrpc server's worker pool grows and shrinks on its own).
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            matches!(comm.trim(), "stream" | "tty-in")
+        })
+        .count();
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap().lines().count();
+    (fds, zombies, threads, mounts)
+}
+
+#[test]
+fn two_hundred_execs_leave_nothing_behind() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    agent
+        .create("svc", &spec(process(&["sleep", "1000"])), rootfs.path(), (false, false, false))
+        .unwrap();
+    agent.start_container("svc").unwrap();
+    let exec_once = |i: usize| {
+        let id = format!("e{i}");
+        let script = format!("echo {i}; exit {}", i % 7);
+        agent.exec("svc", &id, &process(&["sh", "-c", &script]), (true, true, true)).unwrap();
+        let stdin = agent.stream("svc", &id, StreamKind::Stdin);
+        let out = agent.stream("svc", &id, StreamKind::Stdout);
+        // stderr is left unattached: the agent must drop it with the process.
+        assert_eq!(read_all(out), format!("{i}\n"));
+        assert_eq!(agent.wait("svc", &id).unwrap().exit_status, (i % 7) as i32);
+        drop(stdin);
+        agent.remove_process("svc", &id).unwrap();
+    };
+    exec_once(0);
+    // Let the first stream threads end before taking the baseline.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = agent_footprint(agent.pid());
+    for i in 1..=200 {
+        exec_once(i);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut after = agent_footprint(agent.pid());
+    // Stream threads finish just after their streams: give them a moment.
+    while after != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        after = agent_footprint(agent.pid());
+    }
+    assert!(after.1.is_empty(), "zombie children of the agent: {:?}", after.1);
+    assert_eq!(after.0, before.0, "the agent's open descriptors grew");
+    assert_eq!((before.2, after.2), (0, 0), "stream threads left running");
+    assert_eq!(after.3, before.3, "the agent's mounts changed");
+    // And inside the container, nothing but its own process.
+    let mut req = pb::ListProcessesRequest::new();
+    req.container_id = "svc".into();
+    assert_eq!(agent.client.list_processes(ctx(), &req).unwrap().processes.len(), 1);
+    agent.remove("svc", true).unwrap();
+    agent.shutdown();
+}
+
+/// A loop device over an ext4 image of a directory, detached on drop.
+struct LoopDisk {
+    device: String,
+    image: std::path::PathBuf,
+}
+
+impl LoopDisk {
+    fn ext4_of(dir: &std::path::Path, image: std::path::PathBuf) -> Self {
+        let run = |cmd: &mut std::process::Command| {
+            let out =
+                cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (e2fsprogs, util-linux)"));
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        run(std::process::Command::new("truncate").arg("-s").arg("32M").arg(&image));
+        run(std::process::Command::new("mkfs.ext4").args(["-q", "-d"]).arg(dir).arg(&image));
+        let device =
+            run(std::process::Command::new("losetup").args(["--find", "--show"]).arg(&image));
+        Self { device: device.trim().to_string(), image }
+    }
+
+    /// Wait until nothing has the disk mounted any more (the container's mount namespace is
+    /// torn down asynchronously after its last process), then read `path` from the image.
+    fn read_file(&self, path: &str) -> String {
+        let name = self.device.trim_start_matches("/dev/");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new("/proc/fs/ext4").join(name).exists() {
+            assert!(std::time::Instant::now() < deadline, "{} is still mounted", self.device);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat {path}")])
+            .arg(&self.image)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+#[test]
+fn rootfs_from_a_disk_read_only_overlay_or_writable() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let work = TempDir::new("disk");
+    let disk = LoopDisk::ext4_of(rootfs.path(), work.path().join("rootfs.img"));
+    let create = |id: &str, mode: pb::RootfsMode, script: &str| {
+        let mut req = pb::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = serde_json::to_vec(&spec(process(&["sh", "-c", script]))).unwrap();
+        let mut block = pb::BlockDevice::new();
+        block.device = disk.device.clone();
+        block.fstype = "ext4".into();
+        let r = req.rootfs.mut_or_insert_default();
+        r.set_block(block);
+        r.mode = mode.into();
+        let mut stdio = pb::Stdio::new();
+        stdio.stdout = true;
+        req.stdio = Some(stdio).into();
+        agent.client.create_container(ctx(), &req).unwrap();
+        let out = agent.stream(id, "", StreamKind::Stdout);
+        agent.start_container(id).unwrap();
+        let out = read_all(out);
+        assert_eq!(agent.wait(id, "").unwrap().exit_status, 0);
+        agent.remove(id, false).unwrap();
+        out
+    };
+    let script = "echo data > /written 2>/dev/null && cat /written || echo refused";
+    assert_eq!(create("ro", pb::RootfsMode::READ_ONLY, script), "refused\n");
+    assert_eq!(create("ovl", pb::RootfsMode::OVERLAY, script), "data\n");
+    // The overlay's writes went to its tmpfs, not the disk.
+    assert_eq!(disk.read_file("/written"), "");
+    assert_eq!(create("rw", pb::RootfsMode::WRITABLE, script), "data\n");
+    assert_eq!(disk.read_file("/written"), "data\n");
+    agent.shutdown();
 }

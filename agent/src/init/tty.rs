@@ -10,16 +10,13 @@ use oci_spec::runtime::Process;
 
 /// Set up the terminal for this process; returns the master.
 pub fn setup(p: &Process) -> Result<OwnedFd, String> {
-    let master = open(
-        "/dev/ptmx",
-        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| {
-        format!(
+    let master =
+        open("/dev/ptmx", OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| {
+                format!(
             "terminal: opening /dev/ptmx in the container (is devpts mounted on /dev/pts?): {e}"
         )
-    })?;
+            })?;
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads one int from the pointer, which points at `unlock`.
     if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {

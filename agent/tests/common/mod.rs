@@ -213,9 +213,14 @@ impl Agent {
         &self.cgroup_root
     }
 
+    /// The stdio streams' socket.
+    pub fn stdio_socket(&self) -> PathBuf {
+        self.dir.path().join("stdio.sock")
+    }
+
     /// Open a stdio stream of a process (`exec` empty: the container's own).
     pub fn stream(&self, container: &str, exec: &str, kind: StreamKind) -> UnixStream {
-        let mut s = UnixStream::connect(self.dir.path().join("stdio.sock")).unwrap();
+        let mut s = UnixStream::connect(self.stdio_socket()).unwrap();
         let header = StreamHeader { container_id: container.into(), exec_id: exec.into(), kind };
         header.open(&mut s).unwrap_or_else(|e| panic!("opening {kind} of {container}/{exec}: {e}"));
         s
@@ -228,7 +233,7 @@ impl Agent {
         exec: &str,
         kind: StreamKind,
     ) -> Result<UnixStream, husk_agent_protocol::stream::StreamError> {
-        let mut s = UnixStream::connect(self.dir.path().join("stdio.sock")).unwrap();
+        let mut s = UnixStream::connect(self.stdio_socket()).unwrap();
         let header = StreamHeader { container_id: container.into(), exec_id: exec.into(), kind };
         header.open(&mut s).map(|()| s)
     }
