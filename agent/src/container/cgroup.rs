@@ -48,13 +48,12 @@ impl CgroupRoot {
         if sfs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
             return Err(CgroupError::NotCgroup2 { path: path.to_path_buf() });
         }
-        let available = read(&path.join("cgroup.controllers"))?;
-        let subtree = path.join("cgroup.subtree_control");
-        for c in CONTROLLERS.iter().filter(|c| available.split_whitespace().any(|a| a == **c)) {
-            if let Err(e) = fs::write(&subtree, format!("+{c}")) {
-                log::warn!("cannot enable the {c} controller in {}: {e}", subtree.display());
-            }
+        // The root's controllers come from its parent (for the guest's PID 1, the hierarchy's
+        // root): delegate them there first, then to the containers.
+        if let Some(parent) = path.parent().filter(|p| p.join("cgroup.controllers").exists()) {
+            delegate(parent);
         }
+        delegate(path);
         Ok(Self { path: path.to_path_buf() })
     }
 
@@ -202,6 +201,22 @@ impl Cgroup {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(CgroupError::Io { path: self.path.clone(), source: e }),
+            }
+        }
+    }
+}
+
+/// Enable in `dir`'s subtree_control the wanted controllers `dir` has. Failing is not fatal
+/// here: a container that asks for a limit then gets an error naming the missing controller.
+fn delegate(dir: &Path) {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let subtree = dir.join("cgroup.subtree_control");
+    let enabled = fs::read_to_string(&subtree).unwrap_or_default();
+    for c in CONTROLLERS {
+        let has = |list: &str| list.split_whitespace().any(|a| a == c);
+        if has(&available) && !has(&enabled) {
+            if let Err(e) = fs::write(&subtree, format!("+{c}")) {
+                log::warn!("cannot enable the {c} controller in {}: {e}", subtree.display());
             }
         }
     }
