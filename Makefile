@@ -8,6 +8,8 @@ BUILD := build
 # The guest kernel: the prebuilt one next to the repository unless given.
 KERNEL ?= $(abspath ../shared/guest-kernel/vmlinux)
 TEST_INITRAMFS := $(BUILD)/test-initramfs.cpio.gz
+GUEST_IMAGE := $(BUILD)/guest-image.cpio.gz
+AGENT_MUSL := target/x86_64-unknown-linux-musl/release/husk-agent
 HUSK := target/release/husk
 NESTED := $(CURDIR)/tests/nested/run
 # Guests inside the nested test host run at emulation speed: skip PIT calibration.
@@ -18,7 +20,7 @@ HAVE_HW_KVM := $(shell grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ] && e
 HAVE_CGROUP2_MEMORY := $(shell grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null && echo yes)
 
 
-.PHONY: deps all build husk test-initramfs check-kernel run test test-unit test-e2e test-agent-cgroups \
+.PHONY: deps all build husk test-initramfs guest-image check-kernel run test test-unit test-e2e test-agent-cgroups \
 	kernel bench clean
 
 all: build
@@ -36,6 +38,11 @@ test-initramfs: $(TEST_INITRAMFS)
 
 $(TEST_INITRAMFS): guest-image/build-test-initramfs.sh guest-image/test-initramfs/init
 	guest-image/build-test-initramfs.sh $@
+
+# The guest image: the static husk-agent as /init (cargo decides what to rebuild).
+guest-image:
+	$(CARGO) build --release --target x86_64-unknown-linux-musl -p husk-agent
+	guest-image/build-guest-image.sh $(AGENT_MUSL) $(GUEST_IMAGE)
 
 check-kernel:
 	@test -f "$(KERNEL)" || { echo "guest kernel $(KERNEL) is missing (set KERNEL=...)" >&2; exit 1; }

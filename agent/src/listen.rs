@@ -93,13 +93,9 @@ pub struct Conn(OwnedFd);
 
 impl Conn {
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        let tv =
-            nix::sys::time::TimeVal::from(t.map_or(libc::timeval { tv_sec: 0, tv_usec: 0 }, |t| {
-                libc::timeval {
-                    tv_sec: t.as_secs() as libc::time_t,
-                    tv_usec: t.subsec_micros() as libc::suseconds_t,
-                }
-            }));
+        use nix::sys::time::{TimeVal, TimeValLike};
+        // Zero: no timeout.
+        let tv = TimeVal::microseconds(t.map_or(0, |t| t.as_micros() as i64));
         socket::setsockopt(&self.0, sockopt::ReceiveTimeout, &tv).map_err(Into::into)
     }
 

@@ -48,8 +48,12 @@ fn mount(
 }
 
 /// The kernel starts PID 1 with /dev/console as stdio only if the initramfs has that node; ours
-/// has not, so open it from devtmpfs.
+/// has not, so open it from devtmpfs. (Stdio that is already open is kept.)
 fn console() {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if (0..3).all(|fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0) {
+        return;
+    }
     let Ok(console) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console")
     else {
         return;
@@ -69,13 +73,13 @@ fn loopback_up() -> std::io::Result<()> {
         req.ifr_name[i] = *b as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS fills in the ifreq we pass.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the flags member of the union is the one SIOCGIFFLAGS filled in.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: SIOCSIFFLAGS reads the ifreq we pass.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

@@ -183,7 +183,10 @@ impl Agent {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let sock = dir.path().join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+        // HUSK_AGENT_BIN: another build of the agent (the static musl one of the guest image).
+        let bin =
+            std::env::var("HUSK_AGENT_BIN").unwrap_or(env!("CARGO_BIN_EXE_husk-agent").into());
+        let mut child = Command::new(bin)
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .arg("--stdio-listen")
