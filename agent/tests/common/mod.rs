@@ -171,28 +171,52 @@ pub struct Agent {
     dir: TempDir,
     cgroup_root: PathBuf,
     pub client: AgentClient,
+    pid1: bool,
 }
 
 impl Agent {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// The agent as PID 1, as in the guest: in new pid, mount and UTS namespaces (`unshare`),
+    /// where it mounts its file systems (the cgroup v2 hierarchy included, at /sys/fs/cgroup)
+    /// and where powering off ends the namespace.
+    pub fn start_as_pid1() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(pid1: bool) -> Self {
         require_root();
         let dir = TempDir::new("run");
-        let cgroup_root = cgroup2_mount().join(format!(
+        let name = format!(
             "husk-agent-test-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        );
+        let cgroup_root = cgroup2_mount().join(&name);
+        // As PID 1 the agent mounts the cgroup v2 hierarchy on /sys/fs/cgroup itself.
+        let agent_cgroup_root =
+            if pid1 { Path::new("/sys/fs/cgroup").join(&name) } else { cgroup_root.clone() };
         let sock = dir.path().join("agent.sock");
         // HUSK_AGENT_BIN: another build of the agent (the static musl one of the guest image).
         let bin =
             std::env::var("HUSK_AGENT_BIN").unwrap_or(env!("CARGO_BIN_EXE_husk-agent").into());
-        let mut child = Command::new(bin)
+        let mut cmd = if pid1 {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--mount", "--uts", "--propagation", "private", "--"]);
+            c.arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        };
+        let mut child = cmd
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .arg("--stdio-listen")
             .arg(format!("unix:{}", dir.path().join("stdio.sock").display()))
             .arg("--cgroup-root")
-            .arg(&cgroup_root)
+            .arg(&agent_cgroup_root)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .env("HUSK_AGENT_LOG", std::env::var("HUSK_AGENT_LOG").unwrap_or("info".into()))
@@ -205,11 +229,32 @@ impl Agent {
         assert_eq!(line, "husk-agent: ready\n", "the agent did not start (see its log above)");
         let stream = UnixStream::connect(&sock).unwrap();
         let client = husk_agent_protocol::hybrid_vsock::agent_client(stream).unwrap();
-        Self { child: Some(child), dir, cgroup_root, client }
+        Self { child: Some(child), dir, cgroup_root, client, pid1 }
     }
 
+    /// The agent's pid (as this test sees it).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        let child = self.child.as_ref().unwrap().id();
+        if !self.pid1 {
+            return child;
+        }
+        // The agent is unshare's only child.
+        let children =
+            std::fs::read_to_string(format!("/proc/{child}/task/{child}/children")).unwrap();
+        children.trim().parse().expect("unshare has one child, the agent")
+    }
+
+    /// Wait for the agent (or its unshare) to end.
+    pub fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn cgroup_root(&self) -> &Path {
@@ -328,19 +373,12 @@ impl Agent {
     }
 
     /// Shut the agent down through the protocol and check that it exits cleanly.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         self.client.shutdown(ctx(), &pb::ShutdownRequest::new()).unwrap();
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "the agent exited with {status}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "the agent did not exit after Shutdown");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(!self.cgroup_root.exists(), "the agent left its cgroup root behind");
+        let root = self.cgroup_root.clone();
+        let status = self.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "the agent exited with {status}");
+        assert!(!root.exists(), "the agent left its cgroup root behind");
     }
 }
 
