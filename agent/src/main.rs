@@ -56,7 +56,7 @@ struct Args {
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("init") {
+    if init::is_helper(&argv) {
         init::main(&argv[2..]);
     }
     let pid1 = std::process::id() == 1;
@@ -64,7 +64,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("HUSK_AGENT_LOG", "info"))
         .format_timestamp_millis()
         .init();
-    let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1));
+    let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, &argv));
     if let Err(e) = result {
         log::error!("{e:#}");
         if pid1 {
@@ -74,10 +74,19 @@ fn main() {
     }
 }
 
-fn run(pid1: bool) -> anyhow::Result<()> {
+fn run(pid1: bool, argv: &[String]) -> anyhow::Result<()> {
     // Before any thread exists: see reaper.
     reaper::block_sigchld().context("blocking SIGCHLD")?;
-    let args = Args::parse();
+    let args = if pid1 {
+        // The kernel hands PID 1 the command line words it does not know: settings come
+        // from the environment (HUSK_AGENT_*=... on the kernel command line) and defaults.
+        Args::try_parse().unwrap_or_else(|e| {
+            log::warn!("ignoring the arguments: {e}");
+            Args::parse_from(&argv[..1.min(argv.len())])
+        })
+    } else {
+        Args::parse()
+    };
     if !pid1 {
         // Orphans of containers without a pid namespace come to the agent, as they would to
         // PID 1 in the guest.

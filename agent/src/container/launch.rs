@@ -45,7 +45,7 @@ pub fn launch(
         std::iter::once(theirs.as_raw_fd()).chain(pidfd.map(|fd| fd.as_raw_fd())).collect();
     let [stdin, stdout, stderr] = stdio;
     let mut cmd = Command::new(exe);
-    cmd.arg0("husk-agent-init")
+    cmd.arg0(crate::init::ARG0)
         .arg("init")
         .args(passed.iter().map(|fd| fd.to_string()))
         .env_clear()

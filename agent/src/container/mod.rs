@@ -68,6 +68,8 @@ struct Container {
     /// The channel to the helper until StartContainer.
     starter: Mutex<Option<Channel>>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Exec ids being started.
+    starting: Mutex<HashSet<String>>,
     staging: PathBuf,
 }
 
@@ -180,6 +182,7 @@ impl Containers {
                     init: Arc::new(init),
                     starter: Mutex::new(Some(chan)),
                     execs: Mutex::new(HashMap::new()),
+                    starting: Mutex::new(HashSet::new()),
                     staging,
                 })
             }
@@ -226,11 +229,23 @@ impl Containers {
         if c.init.exited().is_some() {
             return Err(Error::FailedPrecondition(format!("container {id:?} is stopped")));
         }
-        // Holding the execs lock across the launch keeps the exec id reserved.
-        let mut execs = lock(&c.execs);
-        if execs.contains_key(exec_id) {
+        if lock(&c.execs).contains_key(exec_id) || !lock(&c.starting).insert(exec_id.into()) {
             return Err(Error::AlreadyExists(format!("process {exec_id:?} exists in {id:?}")));
         }
+        let result = self.exec_reserved(&c, process, stdio);
+        lock(&c.starting).remove(exec_id);
+        let p = result?;
+        log::info!("exec {exec_id} in {id} (process {})", p.pid);
+        lock(&c.execs).insert(exec_id.to_string(), Arc::new(p));
+        Ok(())
+    }
+
+    fn exec_reserved(
+        &self,
+        c: &Container,
+        process: oci_spec::runtime::Process,
+        stdio: StdioRequest,
+    ) -> Result<Process> {
         let terminal = process.terminal().unwrap_or(false);
         let mut plan = StdioPlan::new(stdio.stdin, stdio.stdout, stdio.stderr, terminal)?;
         let config = InitConfig {
@@ -251,10 +266,7 @@ impl Containers {
                 return Err(e);
             }
         };
-        let p = Process::new(spawned, plan, tty, oom_before)?;
-        log::info!("exec {exec_id} in {id} (process {})", p.pid);
-        execs.insert(exec_id.to_string(), Arc::new(p));
-        Ok(())
+        Process::new(spawned, plan, tty, oom_before)
     }
 
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {

@@ -1,4 +1,5 @@
-//! `husk-agent init CHANNEL_FD [PIDFD]`: the helper that becomes a container process.
+//! `husk-agent-init init CHANNEL_FD [PIDFD]` (argv[0] `husk-agent-init`): the helper that
+//! becomes a container process.
 //!
 //! The agent is multi-threaded, so it does nothing between fork and exec but what `Command`
 //! does (plus clearing close-on-exec on the descriptors it passes): it executes this helper, a
@@ -25,6 +26,16 @@ use nix::sched::CloneFlags;
 use crate::channel::{Channel, ChannelError};
 use crate::container::spec::Ns;
 use config::{FromInit, InitConfig, Setup, ToInit};
+
+/// The helper's argv[0] (with `init` as argv[1]): what makes the binary run as the helper.
+pub const ARG0: &str = "husk-agent-init";
+
+/// Whether this process is the helper. It is told apart by the argv[0] the agent gives it, not
+/// by its pid: in a new pid namespace the helper is PID 1 too, and must never take itself for
+/// the guest's init (whose argv[0] is the kernel's `/init`).
+pub fn is_helper(argv: &[String]) -> bool {
+    argv.len() >= 2 && argv[0] == ARG0 && argv[1] == "init"
+}
 
 /// Run the helper; `args` are the descriptor numbers after `init`.
 pub fn main(args: &[String]) -> ! {
@@ -115,4 +126,19 @@ fn run(chan: &Channel, pidfd: Option<OwnedFd>) -> Result<Infallible, String> {
 
 fn flags<'a>(ns: impl Iterator<Item = &'a Ns>) -> CloneFlags {
     ns.fold(CloneFlags::empty(), |f, ns| f | ns.clone_flag())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_agents_own_helper_invocation_is_the_helper() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(is_helper(&argv(&[ARG0, "init", "5"])));
+        // The guest's PID 1, even if the kernel hands it an `init` word from its command line.
+        assert!(!is_helper(&argv(&["/init", "init"])));
+        assert!(!is_helper(&argv(&["husk-agent", "init", "5"])));
+        assert!(!is_helper(&argv(&[ARG0])));
+    }
 }

@@ -172,6 +172,8 @@ pub struct Agent {
     cgroup_root: PathBuf,
     pub client: AgentClient,
     pid1: bool,
+    /// This host's mount table when the agent started: the agent must never change it.
+    host_mounts: String,
 }
 
 impl Agent {
@@ -179,7 +181,8 @@ impl Agent {
         Self::start_with(false)
     }
 
-    /// The agent as PID 1, as in the guest: in new pid, mount and UTS namespaces (`unshare`),
+    /// The agent as PID 1, as in the guest: in new pid, mount, UTS and cgroup namespaces
+    /// (`unshare`),
     /// where it mounts its file systems (the cgroup v2 hierarchy included, at /sys/fs/cgroup)
     /// and where powering off ends the namespace.
     pub fn start_as_pid1() -> Self {
@@ -188,23 +191,32 @@ impl Agent {
 
     fn start_with(pid1: bool) -> Self {
         require_root();
+        let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let dir = TempDir::new("run");
         let name = format!(
             "husk-agent-test-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let cgroup_root = cgroup2_mount().join(&name);
-        // As PID 1 the agent mounts the cgroup v2 hierarchy on /sys/fs/cgroup itself.
-        let agent_cgroup_root =
-            if pid1 { Path::new("/sys/fs/cgroup").join(&name) } else { cgroup_root.clone() };
+        // As PID 1 the agent mounts the cgroup v2 hierarchy on /sys/fs/cgroup itself, in its
+        // own cgroup namespace (so that its mount options, nsdelegate, do not reach this
+        // host's hierarchy): rooted at this test's cgroup.
+        let (cgroup_root, agent_cgroup_root) = if pid1 {
+            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+            let own =
+                own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().trim_start_matches('/');
+            (cgroup2_mount().join(own).join(&name), Path::new("/sys/fs/cgroup").join(&name))
+        } else {
+            (cgroup2_mount().join(&name), cgroup2_mount().join(&name))
+        };
         let sock = dir.path().join("agent.sock");
         // HUSK_AGENT_BIN: another build of the agent (the static musl one of the guest image).
         let bin =
             std::env::var("HUSK_AGENT_BIN").unwrap_or(env!("CARGO_BIN_EXE_husk-agent").into());
         let mut cmd = if pid1 {
             let mut c = Command::new("unshare");
-            c.args(["--pid", "--fork", "--mount", "--uts", "--propagation", "private", "--"]);
+            let namespaces = ["--pid", "--fork", "--mount", "--uts", "--cgroup"];
+            c.args(namespaces).args(["--propagation", "private", "--"]);
             c.arg(bin);
             c
         } else {
@@ -229,7 +241,7 @@ impl Agent {
         assert_eq!(line, "husk-agent: ready\n", "the agent did not start (see its log above)");
         let stream = UnixStream::connect(&sock).unwrap();
         let client = husk_agent_protocol::hybrid_vsock::agent_client(stream).unwrap();
-        Self { child: Some(child), dir, cgroup_root, client, pid1 }
+        Self { child: Some(child), dir, cgroup_root, client, pid1, host_mounts }
     }
 
     /// The agent's pid (as this test sees it).
@@ -376,7 +388,13 @@ impl Agent {
     pub fn shutdown(self) {
         self.client.shutdown(ctx(), &pb::ShutdownRequest::new()).unwrap();
         let root = self.cgroup_root.clone();
+        let host_mounts = self.host_mounts.clone();
         let status = self.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+            host_mounts,
+            "the host's mount table changed while the agent ran"
+        );
         assert!(status.success(), "the agent exited with {status}");
         assert!(!root.exists(), "the agent left its cgroup root behind");
     }
