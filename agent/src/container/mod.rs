@@ -64,6 +64,8 @@ struct Container {
     id: String,
     cgroup: Cgroup,
     namespaces: NsPlan,
+    /// The seccomp profile, for execs too.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
     init: Arc<Process>,
     /// The channel to the helper until StartContainer.
     starter: Mutex<Option<Channel>>,
@@ -127,6 +129,7 @@ impl Containers {
         let process =
             spec.process().clone().ok_or_else(|| Error::InvalidArgument("no process".into()))?;
         let terminal = process.terminal().unwrap_or(false);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let cgroup = self
             .cgroups
             .create(&req.id)
@@ -151,6 +154,7 @@ impl Containers {
             let config = InitConfig {
                 process,
                 cgroup: cgroup.path().to_path_buf(),
+                seccomp: seccomp.clone(),
                 setup: Setup::Create(Box::new(CreateSetup {
                     spec,
                     rootfs: req.rootfs.clone(),
@@ -179,6 +183,7 @@ impl Containers {
                     id: req.id,
                     cgroup,
                     namespaces,
+                    seccomp,
                     init: Arc::new(init),
                     starter: Mutex::new(Some(chan)),
                     execs: Mutex::new(HashMap::new()),
@@ -251,6 +256,7 @@ impl Containers {
         let config = InitConfig {
             process,
             cgroup: c.cgroup.path().to_path_buf(),
+            seccomp: c.seccomp.clone(),
             setup: Setup::Exec { namespaces: c.namespaces.own() },
         };
         let init_pidfd = c.init.pidfd().as_fd();

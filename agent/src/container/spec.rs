@@ -77,10 +77,8 @@ pub fn parse(json: &[u8]) -> Result<Spec> {
         }
     }
     if let Some(linux) = spec.linux() {
-        if linux.seccomp().is_some() {
-            return Err(Error::InvalidArgument(
-                "seccomp profiles are not supported by this agent yet".into(),
-            ));
+        if let Some(profile) = linux.seccomp() {
+            crate::init::seccomp::compile(profile).map_err(Error::InvalidArgument)?;
         }
         for key in linux.sysctl().iter().flat_map(|s| s.keys()) {
             if key.is_empty()
@@ -228,7 +226,7 @@ mod tests {
         assert!(invalid(&spec_with(twice, "", PROC)).contains("twice"));
         let no_uts = r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"hostname":"x","linux":{"namespaces":[]}}"#;
         assert!(invalid(no_uts).contains("UTS"));
-        let seccomp = r#","seccomp":{"defaultAction":"SCMP_ACT_ALLOW"}"#;
-        assert!(invalid(&spec(seccomp, PROC)).contains("seccomp"));
+        let seccomp = r#","seccomp":{"defaultAction":"SCMP_ACT_NOTIFY"}"#;
+        assert!(invalid(&spec(seccomp, PROC)).contains("SCMP_ACT_NOTIFY is not supported"));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxSeccomp, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::container::spec::{Ns, NsPlan};
@@ -30,6 +30,8 @@ pub struct InitConfig {
     pub process: Process,
     /// The cgroup directory to join first.
     pub cgroup: PathBuf,
+    /// The container's seccomp profile (an exec gets its container's, as with runc).
+    pub seccomp: Option<LinuxSeccomp>,
     pub setup: Setup,
 }
 

@@ -14,6 +14,8 @@ pub mod config;
 mod mounts;
 mod process;
 mod rootfs;
+pub mod seccomp;
+mod syscalls;
 mod tty;
 
 use std::convert::Infallible;
@@ -108,7 +110,8 @@ fn run(chan: &Channel, pidfd: Option<OwnedFd>) -> Result<Infallible, String> {
     } else {
         None
     };
-    let prepared = process::prepare(&cfg.process)?;
+    let filter = cfg.seccomp.as_ref().map(seccomp::compile).transpose()?;
+    let prepared = process::prepare(&cfg.process, filter)?;
     let fds: Vec<_> = master.iter().map(|m| m.as_fd()).collect();
     chan.send(&FromInit::Ready, &fds).map_err(|e| format!("reporting ready: {e}"))?;
     drop(master);

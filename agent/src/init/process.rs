@@ -19,11 +19,17 @@ pub struct Prepared {
     path: CString,
     argv: Vec<CString>,
     envp: Vec<CString>,
+    /// A seccomp filter to install just before execve.
+    seccomp: Option<super::seccomp::Filter>,
 }
 
 /// Apply the process's limits and identity to this process and find its program. Run in the
 /// container's namespaces, after its root is in place.
-pub fn prepare(p: &Process) -> Result<Prepared, String> {
+///
+/// The seccomp filter goes on as late as it can: just before execve with no_new_privileges;
+/// without, it needs CAP_SYS_ADMIN, so before the identity change (runc's order; the profile
+/// must then allow the calls that follow, as Docker's does).
+pub fn prepare(p: &Process, seccomp: Option<super::seccomp::Filter>) -> Result<Prepared, String> {
     for r in p.rlimits().iter().flatten() {
         let resource = rlimit_resource(r.typ());
         setrlimit(resource, r.soft(), r.hard())
@@ -38,13 +44,21 @@ pub fn prepare(p: &Process) -> Result<Prepared, String> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask));
     nix::unistd::chdir(p.cwd()).map_err(|e| format!("chdir {}: {e}", p.cwd().display()))?;
     let envp = environment(p)?;
+    let nnp = p.no_new_privileges().unwrap_or(false);
+    let seccomp = match seccomp {
+        Some(filter) if !nnp => {
+            super::seccomp::install(&filter)?;
+            None
+        }
+        other => other,
+    };
     identity(
         user.uid(),
         user.gid(),
         user.additional_gids().as_deref().unwrap_or_default(),
         p.capabilities().as_ref(),
     )?;
-    if p.no_new_privileges().unwrap_or(false) {
+    if nnp {
         nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privileges: {e}"))?;
     }
     let args = p.args().as_deref().unwrap_or_default();
@@ -57,6 +71,7 @@ pub fn prepare(p: &Process) -> Result<Prepared, String> {
         path: cstr(path.as_os_str().as_bytes())?,
         argv: args.iter().map(|a| cstr(a.as_bytes())).collect::<Result<_, _>>()?,
         envp,
+        seccomp,
     })
 }
 
@@ -82,6 +97,9 @@ pub fn exec(p: &Prepared) -> Result<Infallible, String> {
         unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
     if r < 0 {
         return Err(format!("close_range: {}", std::io::Error::last_os_error()));
+    }
+    if let Some(filter) = &p.seccomp {
+        super::seccomp::install(filter)?;
     }
     let e = nix::unistd::execve(&p.path, &p.argv, &p.envp).unwrap_err();
     Err(format!("exec {}: {e}", p.path.to_string_lossy()))
