@@ -187,10 +187,16 @@ impl Process {
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::internal("dup", &e));
         match kind {
             StreamKind::Stdin => match std::mem::replace(&mut io.stdin, Stdin::Absent) {
-                Stdin::Waiting(fd) => {
-                    io.stdin = Stdin::Attached(dup(conn)?);
-                    Ok(Attach::Input(fd))
-                }
+                Stdin::Waiting(fd) => match dup(conn) {
+                    Ok(conn) => {
+                        io.stdin = Stdin::Attached(conn);
+                        Ok(Attach::Input(fd))
+                    }
+                    Err(e) => {
+                        io.stdin = Stdin::Waiting(fd);
+                        Err(e)
+                    }
+                },
                 other => {
                     let err = match other {
                         Stdin::Attached(_) => again(),
@@ -208,10 +214,13 @@ impl Process {
                     _ => &mut io.tty,
                 };
                 match std::mem::replace(slot, Output::Attached) {
-                    Output::Waiting(fd) if kind == StreamKind::Tty => {
-                        let second = dup(&fd)?;
-                        Ok(Attach::Tty(fd, second))
-                    }
+                    Output::Waiting(fd) if kind == StreamKind::Tty => match dup(&fd) {
+                        Ok(second) => Ok(Attach::Tty(fd, second)),
+                        Err(e) => {
+                            *slot = Output::Waiting(fd);
+                            Err(e)
+                        }
+                    },
                     Output::Waiting(fd) => Ok(Attach::Output(fd)),
                     Output::Attached => Err(again()),
                     Output::Absent => {
