@@ -85,10 +85,12 @@ mod tests {
     use std::os::unix::net::UnixListener;
     use std::thread;
 
+    use husk_tests::tiny_guest::TempDir;
+
     /// Serve one connection the way husk's VMM does: read the CONNECT line, answer `reply`
     /// (nothing: refuse by closing), then echo what follows.
-    fn vmm_side(reply: Option<&'static str>) -> (tempdir::Dir, thread::JoinHandle<String>) {
-        let dir = tempdir::Dir::new();
+    fn vmm_side(reply: Option<&'static str>) -> (TempDir, thread::JoinHandle<String>) {
+        let dir = TempDir::new("protocol-vsock");
         let listener = UnixListener::bind(dir.path().join("vsock")).unwrap();
         let handle = thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
@@ -128,36 +130,5 @@ mod tests {
 
         let err = connect(&dir.path().join("missing"), 7).unwrap_err();
         assert!(matches!(err, ConnectError::Socket { .. }), "{err}");
-    }
-
-    /// A temporary directory removed on drop (std has none).
-    mod tempdir {
-        use std::path::{Path, PathBuf};
-
-        pub struct Dir(PathBuf);
-
-        impl Dir {
-            pub fn new() -> Self {
-                use std::sync::atomic::{AtomicU32, Ordering};
-                static N: AtomicU32 = AtomicU32::new(0);
-                let path = std::env::temp_dir().join(format!(
-                    "husk-protocol-test-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::create_dir_all(&path).unwrap();
-                Self(path)
-            }
-
-            pub fn path(&self) -> &Path {
-                &self.0
-            }
-        }
-
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 }

@@ -24,30 +24,7 @@ pub fn require_root() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "the agent's tests need root: run them as root");
 }
 
-/// A temporary directory, removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(what: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "husk-agent-{what}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use husk_tests::tiny_guest::TempDir;
 
 /// Where this machine mounts cgroup v2.
 pub fn cgroup2_mount() -> PathBuf {
