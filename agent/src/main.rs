@@ -1,10 +1,147 @@
-//! husk-agent: the guest's PID 1. Placeholder until the guest-agent issue: it builds, states
-//! what it is, and exits non-zero so that nobody mistakes it for a working agent.
+//! husk-agent: the guest's PID 1. It serves the agent protocol (`husk-agent-protocol`: ttrpc on
+//! vsock port 1024, stdio streams on 1025) and runs each container on the guest's kernel as
+//! runc would on a host.
+//!
+//! Modes:
+//! - As PID 1 (the micro-VM's /init): mounts the basics, logs to the console, listens on vsock,
+//!   and powers the VM off on Shutdown.
+//! - Anywhere else (tests on a host, as root): `--listen unix:PATH --stdio-listen unix:PATH
+//!   --cgroup-root DIR`; the same service over Unix sockets, and Shutdown ends the agent.
+//! - `husk-agent init ...`: internal, the helper that becomes a container process (`init`).
+//!
+//! It prints `husk-agent: ready` on stdout once it serves.
+
+mod channel;
+mod container;
+mod error;
+mod init;
+mod listen;
+mod pid1;
+mod pidfd;
+mod pump;
+mod reaper;
+mod service;
+mod stdio;
+mod sync;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use husk_agent_protocol::{AGENT_PORT, STDIO_PORT};
+
+use container::cgroup::CgroupRoot;
+use container::Containers;
+use listen::{Addr, Listener};
+
+#[derive(Parser)]
+#[command(version, about = "husk's guest agent")]
+struct Args {
+    /// Where the ttrpc service listens [PID 1: vsock:1024].
+    #[arg(long, env = "HUSK_AGENT_LISTEN")]
+    listen: Option<Addr>,
+    /// Where the stdio streams are accepted [PID 1: vsock:1025].
+    #[arg(long, env = "HUSK_AGENT_STDIO_LISTEN")]
+    stdio_listen: Option<Addr>,
+    /// The cgroup v2 directory under which container cgroups are made [PID 1:
+    /// /sys/fs/cgroup/containers].
+    #[arg(long, env = "HUSK_AGENT_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// Where container roots are staged (empty directories; the mounts are in the containers'
+    /// own mount namespaces).
+    #[arg(long, env = "HUSK_AGENT_STATE_DIR", default_value = "/run/husk-agent")]
+    state_dir: PathBuf,
+}
 
 fn main() {
-    eprintln!(
-        "husk-agent {}: not implemented yet (see the guest-agent issue)",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(1);
+    let argv: Vec<String> = std::env::args().collect();
+    if init::is_helper(&argv) {
+        init::main(&argv[2..]);
+    }
+    let pid1 = std::process::id() == 1;
+    let mounted = if pid1 { pid1::setup() } else { Ok(()) };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("HUSK_AGENT_LOG", "info"))
+        .format_timestamp_millis()
+        .init();
+    let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, &argv));
+    if let Err(e) = result {
+        log::error!("{e:#}");
+        if pid1 {
+            pid1::power_off();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(pid1: bool, argv: &[String]) -> anyhow::Result<()> {
+    // Before any thread exists: see reaper.
+    reaper::block_sigchld().context("blocking SIGCHLD")?;
+    let args = if pid1 {
+        // The kernel hands PID 1 the command line words it does not know: settings come
+        // from the environment (HUSK_AGENT_*=... on the kernel command line) and defaults.
+        Args::try_parse().unwrap_or_else(|e| {
+            log::warn!("ignoring the arguments: {e}");
+            Args::parse_from(&argv[..1.min(argv.len())])
+        })
+    } else {
+        Args::parse()
+    };
+    if !pid1 {
+        // Orphans of containers without a pid namespace come to the agent, as they would to
+        // PID 1 in the guest.
+        nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+    }
+    let (listen, stdio_listen, cgroup_root) = if pid1 {
+        (
+            args.listen.unwrap_or(Addr::Vsock(AGENT_PORT)),
+            args.stdio_listen.unwrap_or(Addr::Vsock(STDIO_PORT)),
+            args.cgroup_root.unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/containers")),
+        )
+    } else {
+        match (args.listen, args.stdio_listen, args.cgroup_root) {
+            (Some(l), Some(s), Some(c)) => (l, s, c),
+            _ => bail!("--listen, --stdio-listen and --cgroup-root are needed when not PID 1"),
+        }
+    };
+    let reaper = reaper::Reaper::start().context("starting the reaper")?;
+    let cgroups = CgroupRoot::prepare(&cgroup_root).context("preparing the cgroup root")?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let containers = Arc::new(Containers::new(
+        reaper,
+        PathBuf::from("/proc/self/exe"),
+        cgroups,
+        args.state_dir.clone(),
+    ));
+
+    let stdio =
+        Listener::bind(&stdio_listen).with_context(|| format!("listening on {stdio_listen}"))?;
+    stdio::serve(stdio, containers.clone()).context("starting the stdio server")?;
+
+    let shutdown: service::ShutdownFn = if pid1 {
+        Box::new(|| pid1::power_off())
+    } else {
+        let root = containers.cgroup_root().to_path_buf();
+        Box::new(move || {
+            if let Err(e) = std::fs::remove_dir(&root) {
+                log::warn!("removing {}: {e}", root.display());
+            }
+            log::info!("shut down");
+            std::process::exit(0);
+        })
+    };
+    let service = service::Service::new(containers, shutdown, pid1);
+    let agent = Arc::new(service) as Arc<dyn husk_agent_protocol::agent_ttrpc::Agent + Send + Sync>;
+    let listener = Listener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
+    let mut server = ttrpc::Server::new()
+        .add_listener(listener.into_raw_fd())
+        .context("ttrpc listener")?
+        .register_service(husk_agent_protocol::agent_ttrpc::create_agent(agent));
+    server.start().context("starting the ttrpc server")?;
+    log::info!("serving on {listen} (stdio on {stdio_listen})");
+    println!("husk-agent: ready");
+    loop {
+        std::thread::park();
+    }
 }

@@ -243,9 +243,13 @@ pub fn elf_image(code: &[u8]) -> Vec<u8> {
 pub struct TempDir(PathBuf);
 
 impl TempDir {
-    /// A fresh directory named after `name` and this process.
+    /// A fresh directory named after `name` and this process (and numbered, so that tests
+    /// running in parallel can use the same name).
     pub fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("husk-test-{name}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("husk-test-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create test directory");
         TempDir(path)

@@ -1,0 +1,134 @@
+//! The host's way into the guest: husk's hybrid vsock (as in Firecracker). The VMM listens on a
+//! Unix socket; a client connects, sends `CONNECT <port>\n`, and gets `OK <host port>\n` once the
+//! guest accepted, after which the socket is a byte stream to the guest's listener on that port.
+//! A refusal (no listener on the port) is EOF instead of the `OK` line.
+
+use std::io::{self, Write};
+use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::line::{read_line, LineError};
+
+/// The longest answer line accepted (`OK 4294967295\n` is 14 bytes).
+const MAX_REPLY: usize = 32;
+
+/// Why a hybrid vsock connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to the VM's vsock socket {path}")]
+    Socket {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sending CONNECT {port}")]
+    Send {
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the guest refused vsock port {port} (nothing listens there)")]
+    Refused { port: u32 },
+    #[error("reading the answer to CONNECT {port}")]
+    Reply {
+        port: u32,
+        #[source]
+        source: LineError,
+    },
+    #[error("unexpected answer to CONNECT {port}: {line:?}")]
+    BadReply { port: u32, line: String },
+    #[error("setting up the ttrpc client")]
+    Ttrpc(#[source] ttrpc::Error),
+}
+
+/// Connect to the guest's vsock `port` through the VMM's hybrid vsock socket `uds`: the returned
+/// stream is the connection to the guest's listener.
+pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, ConnectError> {
+    let mut stream = UnixStream::connect(uds)
+        .map_err(|source| ConnectError::Socket { path: uds.display().to_string(), source })?;
+    handshake(&mut stream, port)?;
+    Ok(stream)
+}
+
+/// The `CONNECT` handshake on an already-connected stream to the VMM's socket.
+pub fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), ConnectError> {
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|source| ConnectError::Send { port, source })?;
+    let line = match read_line(stream, MAX_REPLY) {
+        Ok(line) => line,
+        Err(LineError::Eof) => return Err(ConnectError::Refused { port }),
+        Err(source) => return Err(ConnectError::Reply { port, source }),
+    };
+    match line.strip_prefix("OK ") {
+        Some(n) if n.parse::<u32>().is_ok() => Ok(()),
+        _ => Err(ConnectError::BadReply { port, line }),
+    }
+}
+
+/// A ttrpc client for the agent service over a connected stream (from [`connect`] to
+/// [`crate::AGENT_PORT`], or a Unix socket the agent listens on directly).
+pub fn agent_client(
+    stream: impl Into<OwnedFd>,
+) -> Result<crate::agent_ttrpc::AgentClient, ConnectError> {
+    let fd = stream.into().into_raw_fd();
+    // ttrpc::Client::new takes ownership of the descriptor and closes it on drop.
+    let client = ttrpc::Client::new(fd).map_err(ConnectError::Ttrpc)?;
+    Ok(crate::agent_ttrpc::AgentClient::new(client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    use std::thread;
+
+    use husk_tests::tiny_guest::TempDir;
+
+    /// Serve one connection the way husk's VMM does: read the CONNECT line, answer `reply`
+    /// (nothing: refuse by closing), then echo what follows.
+    fn vmm_side(reply: Option<&'static str>) -> (TempDir, thread::JoinHandle<String>) {
+        let dir = TempDir::new("protocol-vsock");
+        let listener = UnixListener::bind(dir.path().join("vsock")).unwrap();
+        let handle = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let line = read_line(&mut s, 64).unwrap();
+            if let Some(reply) = reply {
+                s.write_all(reply.as_bytes()).unwrap();
+                let mut buf = [0u8; 5];
+                s.read_exact(&mut buf).unwrap();
+                s.write_all(&buf).unwrap();
+            }
+            line
+        });
+        (dir, handle)
+    }
+
+    #[test]
+    fn connect_sends_the_port_and_leaves_the_stream_after_ok() {
+        let (dir, vmm) = vmm_side(Some("OK 1073741824\n"));
+        let mut s = connect(&dir.path().join("vsock"), 1024).unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hello");
+        assert_eq!(vmm.join().unwrap(), "CONNECT 1024");
+    }
+
+    #[test]
+    fn refusal_and_bad_answers_are_errors() {
+        let (dir, vmm) = vmm_side(None);
+        let err = connect(&dir.path().join("vsock"), 7).unwrap_err();
+        assert!(matches!(err, ConnectError::Refused { port: 7 }), "{err}");
+        vmm.join().unwrap();
+
+        let (dir, _vmm) = vmm_side(Some("NO\n"));
+        let err = connect(&dir.path().join("vsock"), 7).unwrap_err();
+        assert!(matches!(err, ConnectError::BadReply { .. }), "{err}");
+
+        let err = connect(&dir.path().join("missing"), 7).unwrap_err();
+        assert!(matches!(err, ConnectError::Socket { .. }), "{err}");
+    }
+}

@@ -1,0 +1,464 @@
+//! The containers the agent runs: creating one (its cgroup, then its helper, which sets it up),
+//! starting it, exec, signals, waits, stdio attachment and removal.
+
+pub mod cgroup;
+mod launch;
+pub mod process;
+mod procs;
+pub mod spec;
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use husk_agent_protocol::agent::ProcessInfo;
+use husk_agent_protocol::valid_id;
+
+use crate::channel::{Channel, ChannelError};
+use crate::error::{Error, Result};
+use crate::init::config::{CreateSetup, FromInit, InitConfig, RootfsMode, RootfsSource, Setup};
+use crate::reaper::{ExitStatus, Reaper, Spawned};
+use crate::sync::lock;
+use cgroup::{Cgroup, CgroupRoot};
+use launch::{launch, PidNs};
+use process::{Process, StdioPlan};
+use spec::{Ns, NsPlan};
+
+/// How long a helper may take to set a process up before the request fails.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long removal waits for a killed container to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which stdio streams the host will attach.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StdioRequest {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+pub struct CreateRequest {
+    pub id: String,
+    pub spec_json: Vec<u8>,
+    pub rootfs: RootfsSource,
+    pub mode: RootfsMode,
+    pub stdio: StdioRequest,
+}
+
+/// The agent's containers and what it needs to make more.
+pub struct Containers {
+    reaper: Arc<Reaper>,
+    /// The agent's own executable (run as `husk-agent init`).
+    exe: PathBuf,
+    cgroups: CgroupRoot,
+    /// Where each container's helper stages its root (`<state_dir>/<id>`).
+    state_dir: PathBuf,
+    map: Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids being created (so two creates of one id cannot race).
+    creating: Mutex<HashSet<String>>,
+}
+
+struct Container {
+    id: String,
+    cgroup: Cgroup,
+    namespaces: NsPlan,
+    /// The seccomp profile, for execs too.
+    seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    init: Arc<Process>,
+    /// The channel to the helper until StartContainer.
+    starter: Mutex<Option<Channel>>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// Exec ids being started.
+    starting: Mutex<HashSet<String>>,
+    staging: PathBuf,
+}
+
+impl Containers {
+    pub fn new(reaper: Arc<Reaper>, exe: PathBuf, cgroups: CgroupRoot, state_dir: PathBuf) -> Self {
+        Self {
+            reaper,
+            exe,
+            cgroups,
+            state_dir,
+            map: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.map)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no container {id:?}")))
+    }
+
+    /// The container's own process (empty `exec_id`) or one of its execs.
+    pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        let c = self.get(id)?;
+        if exec_id.is_empty() {
+            return Ok(c.init.clone());
+        }
+        let execs = lock(&c.execs);
+        execs
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no process {exec_id:?} in container {id:?}")))
+    }
+
+    pub fn create(&self, req: CreateRequest) -> Result<()> {
+        let id = req.id.clone();
+        if !valid_id(&id) {
+            return Err(Error::InvalidArgument(format!("invalid container id {id:?}")));
+        }
+        if lock(&self.map).contains_key(&id) || !lock(&self.creating).insert(id.clone()) {
+            return Err(Error::AlreadyExists(format!("container {id:?} exists")));
+        }
+        let result = self.create_reserved(req);
+        lock(&self.creating).remove(&id);
+        let container = result?;
+        lock(&self.map).insert(id, Arc::new(container));
+        Ok(())
+    }
+
+    fn create_reserved(&self, req: CreateRequest) -> Result<Container> {
+        let spec = spec::parse(&req.spec_json)?;
+        let namespaces = spec::namespaces(&spec)?;
+        check_rootfs(&req.rootfs)?;
+        let process =
+            spec.process().clone().ok_or_else(|| Error::InvalidArgument("no process".into()))?;
+        let terminal = process.terminal().unwrap_or(false);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+        let cgroup = self
+            .cgroups
+            .create(&req.id)
+            .map_err(|e| Error::internal(format!("creating the cgroup of {}", req.id), &e))?;
+        let staging = self.state_dir.join(&req.id);
+        let result = (|| {
+            if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+                cgroup.apply(r).map_err(|e| match e {
+                    cgroup::CgroupError::Io { .. } => Error::internal("setting cgroup limits", &e),
+                    _ => Error::InvalidArgument(e.to_string()),
+                })?;
+            }
+            std::fs::create_dir_all(&staging)
+                .map_err(|e| Error::internal(format!("mkdir {}", staging.display()), &e))?;
+            let pid_ns = match namespaces.join.iter().find(|(ns, _)| *ns == Ns::Pid) {
+                Some((_, path)) => PidNs::JoinPath(path),
+                None if namespaces.new.contains(&Ns::Pid) => PidNs::New,
+                None => PidNs::Inherit,
+            };
+            let s = req.stdio;
+            let mut plan = StdioPlan::new(s.stdin, s.stdout, s.stderr, terminal)?;
+            let config = InitConfig {
+                process,
+                cgroup: cgroup.path().to_path_buf(),
+                seccomp: seccomp.clone(),
+                setup: Setup::Create(Box::new(CreateSetup {
+                    spec,
+                    rootfs: req.rootfs.clone(),
+                    mode: req.mode,
+                    namespaces: namespaces.clone(),
+                    staging: staging.clone(),
+                })),
+            };
+            let oom_before = cgroup.oom_kills();
+            let (spawned, chan) =
+                launch(&self.reaper, &self.exe, config, plan.take_child(), pid_ns, None)?;
+            let tty = match wait_ready(&chan, &spawned) {
+                Ok(tty) => tty,
+                Err(e) => {
+                    kill_and_wait(&spawned);
+                    return Err(e);
+                }
+            };
+            let init = Process::new(spawned, plan, tty, oom_before)?;
+            Ok((init, chan))
+        })();
+        match result {
+            Ok((init, chan)) => {
+                log::info!("container {} created (process {})", req.id, init.pid);
+                Ok(Container {
+                    id: req.id,
+                    cgroup,
+                    namespaces,
+                    seccomp,
+                    init: Arc::new(init),
+                    starter: Mutex::new(Some(chan)),
+                    execs: Mutex::new(HashMap::new()),
+                    starting: Mutex::new(HashSet::new()),
+                    staging,
+                })
+            }
+            Err(e) => {
+                remove_cgroup(&cgroup);
+                let _ = std::fs::remove_dir(&staging);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn start(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        let chan = lock(&c.starter).take().ok_or_else(|| {
+            Error::FailedPrecondition(format!("container {id:?} was already started"))
+        })?;
+        if let Some(status) = c.init.exited() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id:?} exited before it was started ({status:?})"
+            )));
+        }
+        chan.send(&crate::init::config::ToInit::Start, &[])
+            .map_err(|e| Error::internal(format!("starting container {id:?}"), &e))?;
+        wait_exec(&chan)?;
+        log::info!("container {id} started");
+        Ok(())
+    }
+
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: StdioRequest,
+    ) -> Result<()> {
+        if !valid_id(exec_id) {
+            return Err(Error::InvalidArgument(format!("invalid exec id {exec_id:?}")));
+        }
+        let process = spec::parse_process(process_json)?;
+        let c = self.get(id)?;
+        if lock(&c.starter).is_some() {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is not started")));
+        }
+        if c.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is stopped")));
+        }
+        if lock(&c.execs).contains_key(exec_id) || !lock(&c.starting).insert(exec_id.into()) {
+            return Err(Error::AlreadyExists(format!("process {exec_id:?} exists in {id:?}")));
+        }
+        let result = self.exec_reserved(&c, process, stdio);
+        lock(&c.starting).remove(exec_id);
+        let p = result?;
+        log::info!("exec {exec_id} in {id} (process {})", p.pid);
+        lock(&c.execs).insert(exec_id.to_string(), Arc::new(p));
+        Ok(())
+    }
+
+    fn exec_reserved(
+        &self,
+        c: &Container,
+        process: oci_spec::runtime::Process,
+        stdio: StdioRequest,
+    ) -> Result<Process> {
+        let terminal = process.terminal().unwrap_or(false);
+        let mut plan = StdioPlan::new(stdio.stdin, stdio.stdout, stdio.stderr, terminal)?;
+        let config = InitConfig {
+            process,
+            cgroup: c.cgroup.path().to_path_buf(),
+            seccomp: c.seccomp.clone(),
+            setup: Setup::Exec { namespaces: c.namespaces.own() },
+        };
+        let init_pidfd = c.init.pidfd().as_fd();
+        let pid_ns =
+            if c.namespaces.has(Ns::Pid) { PidNs::JoinPidfd(init_pidfd) } else { PidNs::Inherit };
+        let oom_before = c.cgroup.oom_kills();
+        let (spawned, chan) =
+            launch(&self.reaper, &self.exe, config, plan.take_child(), pid_ns, Some(init_pidfd))?;
+        let tty = match wait_ready(&chan, &spawned).and_then(|tty| wait_exec(&chan).map(|()| tty)) {
+            Ok(tty) => tty,
+            Err(e) => {
+                kill_and_wait(&spawned);
+                return Err(e);
+            }
+        };
+        Process::new(spawned, plan, tty, oom_before)
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        if signal > libc::SIGRTMAX() as u32 {
+            return Err(Error::InvalidArgument(format!("invalid signal {signal}")));
+        }
+        let signal = signal as i32;
+        let p = self.process(id, exec_id)?;
+        if !all {
+            return p.signal(signal);
+        }
+        let c = self.get(id)?;
+        if signal == libc::SIGKILL {
+            return c.cgroup.kill().map_err(|e| Error::internal("killing the container", &e));
+        }
+        let pids = c.cgroup.pids().map_err(|e| Error::internal("listing the container", &e))?;
+        for pid in pids {
+            // SAFETY: kill takes a pid and a signal; no memory is involved. The pids were in
+            // the container's cgroup a moment ago.
+            unsafe { libc::kill(pid, signal) };
+        }
+        Ok(())
+    }
+
+    /// Wait for a process to exit: its status and whether the OOM killer ended it.
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<(ExitStatus, bool)> {
+        let c = self.get(id)?;
+        let p = self.process(id, exec_id)?;
+        let status = p.exit().wait();
+        Ok((status, p.oom_killed(status, c.cgroup.oom_kills())))
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        self.process(id, exec_id)?.close_stdin()
+    }
+
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u32, columns: u32) -> Result<()> {
+        let (Ok(rows), Ok(columns)) = (u16::try_from(rows), u16::try_from(columns)) else {
+            return Err(Error::InvalidArgument(format!("window size {rows}x{columns}")));
+        };
+        self.process(id, exec_id)?.resize(rows, columns)
+    }
+
+    pub fn list(&self, id: &str) -> Result<Vec<ProcessInfo>> {
+        let c = self.get(id)?;
+        let pids = c.cgroup.pids().map_err(|e| Error::internal("listing the container", &e))?;
+        Ok(pids.into_iter().filter_map(procs::info).collect())
+    }
+
+    /// Forget an exec that has exited (its exit status and stdio go with it).
+    pub fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
+        if exec_id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the container's own process goes with RemoveContainer".into(),
+            ));
+        }
+        let c = self.get(id)?;
+        let mut execs = lock(&c.execs);
+        let p = execs.get(exec_id).ok_or_else(|| {
+            Error::NotFound(format!("no process {exec_id:?} in container {id:?}"))
+        })?;
+        if p.exited().is_none() {
+            return Err(Error::FailedPrecondition(format!("process {exec_id:?} is running")));
+        }
+        execs.remove(exec_id);
+        Ok(())
+    }
+
+    pub fn remove(&self, id: &str, force: bool) -> Result<()> {
+        let c = self.get(id)?;
+        let created = lock(&c.starter).is_some();
+        if c.init.exited().is_none() && !created && !force {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id:?} is running (kill it first, or force)"
+            )));
+        }
+        lock(&self.map).remove(id);
+        c.destroy()
+    }
+
+    /// Kill and remove every container (shutdown).
+    pub fn remove_all(&self) {
+        let all: Vec<_> = lock(&self.map).drain().map(|(_, c)| c).collect();
+        for c in all {
+            if let Err(e) = c.destroy() {
+                log::warn!("removing container {}: {e}", c.id);
+            }
+        }
+    }
+
+    pub fn cgroup_root(&self) -> &Path {
+        self.cgroups.path()
+    }
+}
+
+impl Container {
+    fn destroy(&self) -> Result<()> {
+        // A created container's helper exits when its channel closes.
+        drop(lock(&self.starter).take());
+        if self.init.exited().is_none() {
+            if let Err(e) = self.cgroup.kill() {
+                log::warn!("killing container {}: {e}", self.id);
+            }
+            let _ = crate::pidfd::send_signal(self.init.pidfd(), libc::SIGKILL);
+            if self.init.exit().wait_timeout(KILL_TIMEOUT).is_none() {
+                return Err(Error::Internal(format!(
+                    "container {} did not die within {KILL_TIMEOUT:?}",
+                    self.id
+                )));
+            }
+        }
+        // Processes outside the pid namespace (or without one) may still be there.
+        let _ = self.cgroup.kill();
+        lock(&self.execs).clear();
+        let result = self
+            .cgroup
+            .remove(KILL_TIMEOUT)
+            .map_err(|e| Error::internal(format!("removing the cgroup of {}", self.id), &e));
+        let _ = std::fs::remove_dir(&self.staging);
+        log::info!("container {} removed", self.id);
+        result
+    }
+}
+
+/// Whether the rootfs the host named is there.
+fn check_rootfs(r: &RootfsSource) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match r {
+        RootfsSource::Directory(d) => {
+            if !d.is_absolute() || !d.is_dir() {
+                return Err(Error::InvalidArgument(format!(
+                    "rootfs directory {} does not exist (or is not an absolute path)",
+                    d.display()
+                )));
+            }
+        }
+        RootfsSource::Block { device, fstype } => {
+            let is_blk = std::fs::metadata(device).is_ok_and(|m| m.file_type().is_block_device());
+            if !is_blk {
+                return Err(Error::InvalidArgument(format!(
+                    "rootfs disk {} is missing (not a block device in the guest)",
+                    device.display()
+                )));
+            }
+            if fstype.is_empty() || fstype.contains(['\0', ',']) {
+                return Err(Error::InvalidArgument(format!("rootfs fstype {fstype:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Wait for the helper's Ready (and the pty master with it).
+fn wait_ready(chan: &Channel, spawned: &Spawned) -> Result<Option<OwnedFd>> {
+    chan.set_timeout(Some(SETUP_TIMEOUT)).map_err(|e| Error::internal("channel", &e))?;
+    match chan.recv::<FromInit>() {
+        Ok((FromInit::Ready, mut fds)) => Ok(fds.pop()),
+        Ok((FromInit::Failed(message), _)) => Err(Error::Internal(message)),
+        Err(ChannelError::Eof) => {
+            let status = spawned.exit.wait_timeout(Duration::from_secs(5));
+            Err(Error::Internal(format!("the container process died during setup ({status:?})")))
+        }
+        Err(e) => Err(Error::internal("waiting for the container process to be set up", &e)),
+    }
+}
+
+/// After Start (or Ready for an exec): the channel closes when execve succeeds.
+fn wait_exec(chan: &Channel) -> Result<()> {
+    match chan.recv::<FromInit>() {
+        Err(ChannelError::Eof) => Ok(()),
+        Ok((FromInit::Failed(message), _)) => Err(Error::FailedPrecondition(message)),
+        Ok((FromInit::Ready, _)) => Err(Error::Internal("unexpected Ready".into())),
+        Err(e) => Err(Error::internal("waiting for the program to start", &e)),
+    }
+}
+
+fn kill_and_wait(spawned: &Spawned) {
+    let _ = crate::pidfd::send_signal(&spawned.pidfd, libc::SIGKILL);
+    if spawned.exit.wait_timeout(KILL_TIMEOUT).is_none() {
+        log::warn!("process {} did not die", spawned.pid);
+    }
+}
+
+fn remove_cgroup(cgroup: &Cgroup) {
+    let _ = cgroup.kill();
+    if let Err(e) = cgroup.remove(KILL_TIMEOUT) {
+        log::warn!("{e}");
+    }
+}

@@ -1,0 +1,165 @@
+//! Where the agent listens: `vsock:PORT` in the guest, `unix:PATH` on a host (tests), and the
+//! connections accepted there (the same byte streams either way).
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, VsockAddr};
+
+/// A listen address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Addr {
+    Vsock(u32),
+    Unix(PathBuf),
+}
+
+impl FromStr for Addr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(port) = s.strip_prefix("vsock:") {
+            return port.parse().map(Addr::Vsock).map_err(|_| format!("bad vsock port in {s:?}"));
+        }
+        if let Some(path) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+            return Ok(Addr::Unix(PathBuf::from(path)));
+        }
+        Err(format!("{s:?}: expected vsock:PORT or unix:PATH"))
+    }
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Vsock(port) => write!(f, "vsock:{port}"),
+            Addr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A listening socket.
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+impl Listener {
+    pub fn bind(addr: &Addr) -> io::Result<Self> {
+        match addr {
+            Addr::Vsock(port) => {
+                let fd = socket::socket(
+                    AddressFamily::Vsock,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )?;
+                socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port))?;
+                socket::listen(&fd, socket::Backlog::new(128).map_err(io::Error::from)?)?;
+                Ok(Self { fd })
+            }
+            Addr::Unix(path) => {
+                // A socket file left by an earlier agent would make bind fail.
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Self { fd: UnixListener::bind(path)?.into() })
+            }
+        }
+    }
+
+    pub fn accept(&self) -> io::Result<Conn> {
+        loop {
+            match socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+                Ok(fd) => return Ok(Conn(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })),
+                Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The descriptor, for a server that does its own accepting (ttrpc).
+    pub fn into_raw_fd(self) -> RawFd {
+        self.fd.into_raw_fd()
+    }
+}
+
+/// An accepted connection.
+pub struct Conn(OwnedFd);
+
+impl Conn {
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        use nix::sys::time::{TimeVal, TimeValLike};
+        // Zero: no timeout.
+        let tv = TimeVal::microseconds(t.map_or(0, |t| t.as_micros() as i64));
+        socket::setsockopt(&self.0, sockopt::ReceiveTimeout, &tv).map_err(Into::into)
+    }
+
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.0.try_clone()
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        nix::unistd::read(&self.0, buf).map_err(|e| match e {
+            // SO_RCVTIMEO expiring.
+            nix::errno::Errno::EAGAIN => io::Error::from(io::ErrorKind::TimedOut),
+            e => e.into(),
+        })
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        socket::send(self.0.as_raw_fd(), buf, socket::MsgFlags::MSG_NOSIGNAL).map_err(Into::into)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!("vsock:1024".parse(), Ok(Addr::Vsock(1024)));
+        assert_eq!("unix:/run/a.sock".parse(), Ok(Addr::Unix("/run/a.sock".into())));
+        for bad in ["vsock:x", "unix:", "tcp:1", "1024"] {
+            assert!(bad.parse::<Addr>().is_err(), "{bad}");
+        }
+        assert_eq!(Addr::Vsock(7).to_string(), "vsock:7");
+    }
+
+    #[test]
+    fn unix_listener_accepts_and_times_out() {
+        let path = std::env::temp_dir().join(format!("husk-listen-{}", std::process::id()));
+        let l = Listener::bind(&Addr::Unix(path.clone())).unwrap();
+        // A stale socket file is replaced.
+        drop(l);
+        let l = Listener::bind(&Addr::Unix(path.clone())).unwrap();
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let mut conn = l.accept().unwrap();
+        client.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        conn.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        conn.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let err = conn.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        std::fs::remove_file(&path).unwrap();
+    }
+}

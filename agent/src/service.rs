@@ -1,0 +1,236 @@
+//! The ttrpc service: each request checked and turned into a container operation, each error
+//! into a ttrpc status with its message.
+
+use std::sync::Arc;
+
+use husk_agent_protocol::agent::{self as pb, rootfs::Source};
+use husk_agent_protocol::agent_ttrpc::Agent;
+use ttrpc::TtrpcContext;
+
+use crate::container::{Containers, CreateRequest, StdioRequest};
+use crate::error::{Error, Result};
+use crate::init::config::{RootfsMode, RootfsSource};
+
+/// What Shutdown does (power the VM off, or end a host-mode agent); it runs after the answer
+/// has had time to go out.
+pub type ShutdownFn = Box<dyn Fn() + Send + Sync>;
+
+pub struct Service {
+    containers: Arc<Containers>,
+    shutdown: Arc<ShutdownFn>,
+    /// SetHostname changes the hostname of the agent's UTS namespace: the guest's.
+    can_set_hostname: bool,
+}
+
+impl Service {
+    pub fn new(containers: Arc<Containers>, shutdown: ShutdownFn, can_set_hostname: bool) -> Self {
+        Self { containers, shutdown: Arc::new(shutdown), can_set_hostname }
+    }
+}
+
+/// Log a failed request and turn its error into a ttrpc status.
+fn reply<T>(what: &str, r: Result<T>) -> ttrpc::Result<T> {
+    r.map_err(|e| {
+        log::warn!("{what}: {e}");
+        e.into()
+    })
+}
+
+fn stdio(s: &protobuf::MessageField<pb::Stdio>) -> StdioRequest {
+    s.as_ref().map_or_else(StdioRequest::default, |s| StdioRequest {
+        stdin: s.stdin,
+        stdout: s.stdout,
+        stderr: s.stderr,
+    })
+}
+
+fn rootfs(r: &protobuf::MessageField<pb::Rootfs>) -> Result<(RootfsSource, RootfsMode)> {
+    let r = r.as_ref().ok_or_else(|| Error::InvalidArgument("no rootfs".into()))?;
+    let source = match &r.source {
+        Some(Source::Directory(d)) => RootfsSource::Directory(d.into()),
+        Some(Source::Block(b)) => {
+            RootfsSource::Block { device: b.device.clone().into(), fstype: b.fstype.clone() }
+        }
+        None => return Err(Error::InvalidArgument("the rootfs names no source".into())),
+        Some(_) => return Err(Error::InvalidArgument("unknown rootfs source".into())),
+    };
+    let mode = match r.mode.enum_value() {
+        Ok(pb::RootfsMode::READ_ONLY) => RootfsMode::ReadOnly,
+        Ok(pb::RootfsMode::OVERLAY) => RootfsMode::Overlay,
+        Ok(pb::RootfsMode::WRITABLE) => RootfsMode::Writable,
+        Err(n) => return Err(Error::InvalidArgument(format!("unknown rootfs mode {n}"))),
+    };
+    Ok((source, mode))
+}
+
+impl Agent for Service {
+    fn check(&self, _: &TtrpcContext, _: pb::CheckRequest) -> ttrpc::Result<pb::CheckResponse> {
+        Ok(pb::CheckResponse { serving: true, ..Default::default() })
+    }
+
+    fn version(
+        &self,
+        _: &TtrpcContext,
+        _: pb::VersionRequest,
+    ) -> ttrpc::Result<pb::VersionResponse> {
+        Ok(pb::VersionResponse {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: husk_agent_protocol::PROTOCOL_VERSION,
+            ..Default::default()
+        })
+    }
+
+    fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::CreateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("CreateContainer {}", req.container_id);
+        let r = rootfs(&req.rootfs).and_then(|(rootfs, mode)| {
+            self.containers.create(CreateRequest {
+                id: req.container_id,
+                spec_json: req.oci_spec_json,
+                rootfs,
+                mode,
+                stdio: stdio(&req.stdio),
+            })
+        });
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
+    fn start_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::StartContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("StartContainer {}", req.container_id);
+        reply(&what, self.containers.start(&req.container_id)).map(|()| pb::Empty::new())
+    }
+
+    fn exec_process(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ExecProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("ExecProcess {}/{}", req.container_id, req.exec_id);
+        let r = self.containers.exec(
+            &req.container_id,
+            &req.exec_id,
+            &req.process_json,
+            stdio(&req.stdio),
+        );
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
+    fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: pb::SignalProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("SignalProcess {}/{} {}", req.container_id, req.exec_id, req.signal);
+        let r = self.containers.signal(&req.container_id, &req.exec_id, req.signal, req.all);
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
+    fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: pb::WaitProcessRequest,
+    ) -> ttrpc::Result<pb::WaitProcessResponse> {
+        let what = format!("WaitProcess {}/{}", req.container_id, req.exec_id);
+        let (status, oom) = reply(&what, self.containers.wait(&req.container_id, &req.exec_id))?;
+        Ok(pb::WaitProcessResponse {
+            exit_status: status.code(),
+            signal: match status {
+                crate::reaper::ExitStatus::Signaled(s) => s as u32,
+                crate::reaper::ExitStatus::Exited(_) => 0,
+            },
+            oom_killed: oom,
+            ..Default::default()
+        })
+    }
+
+    fn close_stdin(
+        &self,
+        _: &TtrpcContext,
+        req: pb::CloseStdinRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("CloseStdin {}/{}", req.container_id, req.exec_id);
+        let r = self.containers.close_stdin(&req.container_id, &req.exec_id);
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
+    fn tty_win_resize(
+        &self,
+        _: &TtrpcContext,
+        req: pb::TtyWinResizeRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("TtyWinResize {}/{}", req.container_id, req.exec_id);
+        let r = self.containers.resize(&req.container_id, &req.exec_id, req.rows, req.columns);
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
+    fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ListProcessesRequest,
+    ) -> ttrpc::Result<pb::ListProcessesResponse> {
+        let what = format!("ListProcesses {}", req.container_id);
+        let processes = reply(&what, self.containers.list(&req.container_id))?;
+        Ok(pb::ListProcessesResponse { processes, ..Default::default() })
+    }
+
+    fn remove_process(
+        &self,
+        _: &TtrpcContext,
+        req: pb::RemoveProcessRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("RemoveProcess {}/{}", req.container_id, req.exec_id);
+        let r = self.containers.remove_process(&req.container_id, &req.exec_id);
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
+    fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::RemoveContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("RemoveContainer {}", req.container_id);
+        reply(&what, self.containers.remove(&req.container_id, req.force))
+            .map(|()| pb::Empty::new())
+    }
+
+    fn set_hostname(
+        &self,
+        _: &TtrpcContext,
+        req: pb::SetHostnameRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let r = if !self.can_set_hostname {
+            Err(Error::FailedPrecondition(
+                "SetHostname: this agent is not the guest's PID 1 (it would rename its host)"
+                    .into(),
+            ))
+        } else if req.hostname.is_empty() || req.hostname.len() > 64 || req.hostname.contains('\0')
+        {
+            Err(Error::InvalidArgument(format!("invalid hostname {:?}", req.hostname)))
+        } else {
+            nix::unistd::sethostname(&req.hostname)
+                .map_err(|e| Error::internal(format!("sethostname {}", req.hostname), &e))
+        };
+        reply("SetHostname", r).map(|()| pb::Empty::new())
+    }
+
+    fn shutdown(&self, _: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {
+        log::info!("shutdown requested");
+        let containers = self.containers.clone();
+        let shutdown = self.shutdown.clone();
+        let spawned = std::thread::Builder::new().name("shutdown".into()).spawn(move || {
+            // Let the answer go out first: ttrpc sends it after this handler returns.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            containers.remove_all();
+            shutdown();
+        });
+        let r = spawned.map(|_| ()).map_err(|e| Error::internal("shutdown", &e));
+        reply("Shutdown", r).map(|()| pb::Empty::new())
+    }
+}
