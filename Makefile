@@ -67,7 +67,7 @@ test-unit:
 
 # Real Linux guests: each suite's test binary runs inside the nested test host (the runner),
 # or directly where this machine has hardware KVM.
-test-e2e: build check-kernel
+test-e2e: build guest-image check-kernel
 ifeq ($(HAVE_HW_KVM),yes)
 	HUSK_TEST_KERNEL=$(KERNEL) $(CARGO) test -p husk-e2e -- --test-threads=1
 else

@@ -1,5 +1,5 @@
-//! The guest's PID 1 duties: the basic file systems, the console as stdio, the loopback
-//! interface, and powering the VM off.
+//! The guest's PID 1 duties: leaving the initramfs for a tmpfs root, the basic file systems,
+//! the console as stdio, the loopback interface, and powering the VM off.
 //!
 //! husk's VMM ends the VM when the guest resets it through the i8042 (the kernel runs with
 //! `reboot=k`), so "power off" is `reboot(RB_AUTOBOOT)`, as the test initramfs's `reboot -f`.
@@ -10,6 +10,7 @@ use nix::mount::MsFlags;
 
 /// Mount what a guest needs and put the console on stdin, stdout and stderr.
 pub fn setup() -> Result<(), String> {
+    leave_initramfs()?;
     let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755")?;
     console();
@@ -29,6 +30,46 @@ pub fn setup() -> Result<(), String> {
         log::warn!("bringing lo up: {e}");
     }
     Ok(())
+}
+
+/// pivot_root(2) cannot move away from the initramfs's root (the kernel's `rootfs` mount), and
+/// every container is set up with pivot_root. So, as switch_root does, PID 1 first moves onto a
+/// tmpfs: it copies itself there, makes that tmpfs the root (MS_MOVE, chroot) and executes
+/// itself again, still as PID 1. Returns at once when the root is no longer `rootfs`.
+fn leave_initramfs() -> Result<(), String> {
+    mount("proc", "/proc", "proc", MsFlags::empty(), "")?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo");
+    let exe = std::fs::read_link("/proc/self/exe");
+    nix::mount::umount("/proc").map_err(|e| format!("umount /proc: {e}"))?;
+    let mountinfo = mountinfo.map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    // Fields: id, parent, major:minor, root, mount point, options, ..., "-", fstype, ...
+    let root_fstype = mountinfo.lines().find_map(|l| {
+        let mut fields = l.split(' ');
+        (fields.nth(4) == Some("/")).then(|| l.split(" - ").nth(1)?.split(' ').next())?
+    });
+    if root_fstype != Some("rootfs") {
+        return Ok(());
+    }
+    let new_root = "/newroot";
+    mount("tmpfs", new_root, "tmpfs", MsFlags::MS_NODEV, "mode=0755")?;
+    let exe = exe.map_err(|e| format!("finding my executable: {e}"))?;
+    let init = format!("{new_root}/init");
+    std::fs::copy(&exe, &init).map_err(|e| format!("copying {} to {init}: {e}", exe.display()))?;
+    // The copy in the initramfs is no longer needed: give its memory back.
+    let _ = std::fs::remove_file(&exe);
+    for dir in ["dev", "proc", "sys", "run", "tmp"] {
+        std::fs::create_dir_all(format!("{new_root}/{dir}"))
+            .map_err(|e| format!("mkdir {new_root}/{dir}: {e}"))?;
+    }
+    std::env::set_current_dir(new_root).map_err(|e| format!("chdir {new_root}: {e}"))?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving {new_root} to /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot to the new root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    let argv: Vec<std::ffi::CString> =
+        std::env::args().map(|a| std::ffi::CString::new(a).unwrap_or_default()).collect();
+    let err = nix::unistd::execv(c"/init", &argv).unwrap_err();
+    Err(format!("executing /init on the new root: {err}"))
 }
 
 /// mount(2) of a fresh file system on `target` (created if missing); already mounted is fine.

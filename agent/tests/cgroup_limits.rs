@@ -1,6 +1,6 @@
 //! Cgroup v2 limits inside containers and OOM kills reported as such. These need the cgroup v2
 //! memory, pids and cpu controllers, which this project's build machines bind to cgroup v1, so
-//! they are ignored in a plain `cargo test`: `make test-e2e` runs them (`--ignored`) inside the
+//! they are ignored in a plain `cargo test`: `make test-agent-cgroups` runs them (`--ignored`) inside the
 //! nested test host, whose kernel has them all in cgroup v2, or directly where this machine's
 //! cgroup v2 has them.
 
@@ -17,14 +17,14 @@ fn require_controllers() {
         assert!(
             available.split_whitespace().any(|a| a == c),
             "this test needs the cgroup v2 {c} controller ({} offers {available:?}); \
-             `make test-e2e` runs it inside the nested test host",
+             `make test-agent-cgroups` runs it inside the nested test host",
             mount.display()
         );
     }
 }
 
 #[test]
-#[ignore = "needs the cgroup v2 memory, pids and cpu controllers: make test-e2e"]
+#[ignore = "needs the cgroup v2 memory, pids and cpu controllers: make test-agent-cgroups"]
 fn limits_are_applied_and_visible_inside() {
     require_controllers();
     let agent = Agent::start();
@@ -50,7 +50,7 @@ fn limits_are_applied_and_visible_inside() {
 }
 
 #[test]
-#[ignore = "needs the cgroup v2 memory controller: make test-e2e"]
+#[ignore = "needs the cgroup v2 memory controller: make test-agent-cgroups"]
 fn the_oom_killer_is_reported() {
     require_controllers();
     let agent = Agent::start();

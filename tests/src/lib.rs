@@ -4,4 +4,6 @@
 
 pub mod cpio;
 pub mod guest;
+pub mod oci;
+pub mod rootfs;
 pub mod tiny_guest;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use husk_agent_protocol::agent as pb;
 use husk_agent_protocol::agent_ttrpc::AgentClient;
 use husk_agent_protocol::stream::{StreamHeader, StreamKind};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -36,111 +36,8 @@ pub fn cgroup2_mount() -> PathBuf {
     PathBuf::from(line.split(' ').nth(1).unwrap())
 }
 
-/// A busybox root file system in a temporary directory: /bin/busybox with its applets linked,
-/// /etc/passwd and /etc/group with root and a user 1000, and the usual mount points.
-pub fn busybox_rootfs() -> TempDir {
-    let busybox = Path::new("/bin/busybox");
-    let file = Command::new("file").arg("-L").arg(busybox).output();
-    let is_static = file
-        .as_ref()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("statically linked"));
-    assert!(is_static, "the agent's tests need a static /bin/busybox (Debian: busybox-static)");
-    let dir = TempDir::new("rootfs");
-    let root = dir.path();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "root", "home/user", "run"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    let list = Command::new(busybox).arg("--list").output().unwrap();
-    assert!(list.status.success(), "busybox --list failed");
-    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nuser:x:1000:\n").unwrap();
-    std::fs::set_permissions(
-        root.join("tmp"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
-    dir
-}
-
-/// An OCI process running `args` as root in /, with a PATH.
-pub fn process(args: &[&str]) -> Value {
-    json!({
-        "terminal": false,
-        "user": {"uid": 0, "gid": 0},
-        "args": args,
-        "env": ["PATH=/bin:/usr/bin", "TERM=xterm"],
-        "cwd": "/",
-        "capabilities": {
-            "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS, "permitted": DEFAULT_CAPS
-        },
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-        "noNewPrivileges": true
-    })
-}
-
-/// Docker's default capabilities.
-pub const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
-
-/// An OCI spec as Docker makes them (mounts, namespaces, masked and read-only paths) for
-/// `process`.
-pub fn spec(process: Value) -> Value {
-    json!({
-        "ociVersion": "1.0.2",
-        "process": process,
-        "root": {"path": "rootfs", "readonly": false},
-        "hostname": "husk-test",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-             "options": ["ro", "nosuid", "noexec", "nodev"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=67108864"]}
-        ],
-        "linux": {
-            "namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                {"type": "network"}, {"type": "cgroup"}
-            ],
-            "maskedPaths": ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
-                            "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                            "/proc/sched_debug", "/proc/scsi", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                              "/proc/sysrq-trigger"]
-        }
-    })
-}
+pub use husk_tests::oci::{process, spec};
+pub use husk_tests::rootfs::busybox_rootfs;
 
 /// The built agent, running on Unix sockets in a temporary directory with its own cgroup root.
 pub struct Agent {
