@@ -90,7 +90,8 @@ endif
 kernel:
 	guest-image/kernel/build.sh $(BUILD)/kernel
 
-bench: deps build check-kernel
+bench: deps build guest-image check-kernel
+	$(CARGO) build --release -p husk-bench-agent
 	bench/run
 
 clean:

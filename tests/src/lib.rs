@@ -2,6 +2,7 @@
 //! that go through the VMM's real boot path, and Linux guests for the end-to-end suites in the
 //! nested KVM test host.
 
+pub mod agent_vm;
 pub mod cpio;
 pub mod guest;
 pub mod oci;
