@@ -106,7 +106,14 @@ impl Cgroup {
                         )))
                     }
                 };
-                self.set("memory", "memory.swap.max", &value, "a swap limit")?;
+                if self.has_no_swap() {
+                    // The guest kernel has no swap at all (CONFIG_SWAP off), so there is nothing
+                    // to limit. Docker asks for a swap limit whenever its own host has swap
+                    // accounting, which says nothing about the guest's.
+                    log::debug!("no swap in this kernel: swap limit {value} not needed");
+                } else {
+                    self.set("memory", "memory.swap.max", &value, "a swap limit")?;
+                }
             }
         }
         if let Some(cpu) = r.cpu() {
@@ -143,6 +150,11 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+
+    /// The memory controller is on for this cgroup but the kernel has no swap to account.
+    fn has_no_swap(&self) -> bool {
+        self.path.join("memory.max").exists() && !self.path.join("memory.swap.max").exists()
     }
 
     fn set(

@@ -93,3 +93,55 @@ fn exec_into_a_running_container_with_stdin_to_eof() {
     vm.remove("box");
     vm.shutdown();
 }
+
+#[test]
+fn terminal_with_resize_and_an_oom_kill_in_the_guest() {
+    let vm = AgentVm::boot();
+
+    // A terminal: the pty's size from the spec, then from TtyWinResize, input echoed back.
+    let mut p = process(&["sh", "-c", "tty; stty size; read line; stty size; echo got $line"]);
+    p["terminal"] = true.into();
+    p["consoleSize"] = serde_json::json!({"height": 24, "width": 80});
+    vm.create("tty", &spec(p), (false, false, false)).expect("CreateContainer");
+    let mut tty = vm.stream("tty", "", StreamKind::Tty);
+    vm.start("tty");
+    let mut seen = String::new();
+    read_until(&mut tty, &mut seen, "24 80");
+    assert!(seen.contains("/dev/pts/0"), "{seen:?}");
+    let mut req = pb::TtyWinResizeRequest::new();
+    req.container_id = "tty".into();
+    req.rows = 50;
+    req.columns = 132;
+    vm.client.tty_win_resize(ctx(), &req).expect("TtyWinResize");
+    tty.write_all(b"hello\n").unwrap();
+    let rest = read_to_end(tty);
+    assert!(rest.contains("50 132\r\n"), "{rest:?}");
+    assert!(rest.contains("got hello\r\n"), "{rest:?}");
+    assert_eq!(vm.wait("tty", "").exit_status, 0);
+    vm.remove("tty");
+
+    // A shell holding 48 MiB under a 16 MiB limit is killed by the guest's OOM killer, and
+    // the agent says so.
+    let hog = "a=$(head -c 50331648 /dev/zero | tr '\\0' x); echo survived";
+    let mut s = spec(process(&["sh", "-c", hog]));
+    s["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16 << 20, "swap": 16 << 20}});
+    vm.create("hog", &s, (false, true, false)).expect("CreateContainer");
+    let out = vm.stream("hog", "", StreamKind::Stdout);
+    vm.start("hog");
+    assert_eq!(read_to_end(out), "");
+    let status = vm.wait("hog", "");
+    assert_eq!((status.exit_status, status.signal, status.oom_killed), (137, 9, true));
+    vm.remove("hog");
+    vm.shutdown();
+}
+
+/// Read from `s` into `seen` until it contains `marker`.
+fn read_until(s: &mut std::os::unix::net::UnixStream, seen: &mut String, marker: &str) {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(marker) {
+        let n = std::io::Read::read(s, &mut buf).unwrap();
+        assert!(n > 0, "EOF before {marker:?}; got {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
