@@ -9,7 +9,8 @@
 //!   --cgroup-root DIR`; the same service over Unix sockets, and Shutdown ends the agent.
 //! - `husk-agent init ...`: internal, the helper that becomes a container process (`init`).
 //!
-//! It prints `husk-agent: ready` on stdout once it serves.
+//! It prints `husk-agent: ready` on stdout once it serves (as PID 1, with the milliseconds since
+//! the kernel started /init).
 
 mod channel;
 mod container;
@@ -140,7 +141,10 @@ fn run(pid1: bool, argv: &[String]) -> anyhow::Result<()> {
         .register_service(husk_agent_protocol::agent_ttrpc::create_agent(agent));
     server.start().context("starting the ttrpc server")?;
     log::info!("serving on {listen} (stdio on {stdio_listen})");
-    println!("husk-agent: ready");
+    match pid1.then(pid1::since_init_started).flatten() {
+        Some(ms) => println!("husk-agent: ready {ms} ms after the kernel started /init"),
+        None => println!("husk-agent: ready"),
+    }
     loop {
         std::thread::park();
     }

@@ -72,6 +72,21 @@ fn leave_initramfs() -> Result<(), String> {
     Err(format!("executing /init on the new root: {err}"))
 }
 
+/// Milliseconds from the kernel starting PID 1 to now, both on the boot clock and to 10 ms;
+/// None if /proc cannot tell.
+pub fn since_init_started() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/1/stat").ok()?;
+    // Field 22 is the start time; the command (field 2) may hold spaces, so count after ')'.
+    let start_ticks: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&h| h > 0)?;
+    // /proc/uptime: seconds on the boot clock, to 10 ms.
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let (secs, hundredths) = uptime.split_whitespace().next()?.split_once('.')?;
+    let now_ms = secs.parse::<u64>().ok()? * 1000 + hundredths.parse::<u64>().ok()? * 10;
+    Some(now_ms.saturating_sub(start_ticks * 1000 / hz))
+}
+
 /// mount(2) of a fresh file system on `target` (created if missing); already mounted is fine.
 fn mount(
     source: &str,
