@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use husk_agent_protocol::agent as pb;
 use husk_agent_protocol::stream::StreamKind;
+use husk_tests::agent_vm::read_until;
 use serde_json::json;
 
 #[test]
@@ -235,7 +236,7 @@ fn terminal_and_window_resize() {
     let mut tty = agent.stream("tty", "", StreamKind::Tty);
     agent.start_container("tty").unwrap();
     let mut seen = String::new();
-    read_until(&mut tty, &mut seen, "24 80");
+    read_until(&mut tty, &mut seen, "24 80", Duration::from_secs(30));
     assert!(seen.contains("/dev/pts/0"), "{seen:?}");
     let mut req = pb::TtyWinResizeRequest::new();
     req.container_id = "tty".into();
@@ -255,17 +256,6 @@ fn terminal_and_window_resize() {
     let (code, _) = status(agent.client.close_stdin(ctx(), &req).unwrap_err());
     assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
     agent.remove("tty", false).unwrap();
-}
-
-/// Read from `s` into `seen` until it contains `marker`.
-fn read_until(s: &mut std::os::unix::net::UnixStream, seen: &mut String, marker: &str) {
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut buf = [0u8; 4096];
-    while !seen.contains(marker) {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "EOF before {marker:?}; got {seen:?}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
 }
 
 #[test]

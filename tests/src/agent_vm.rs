@@ -215,3 +215,14 @@ pub fn read_to_end(mut s: UnixStream) -> String {
     s.read_to_end(&mut out).expect("reading a stream to EOF");
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Read from `s` into `seen` until it contains `marker`, each read within `timeout`.
+pub fn read_until(s: &mut UnixStream, seen: &mut String, marker: &str, timeout: Duration) {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(marker) {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "EOF before {marker:?}; got {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}

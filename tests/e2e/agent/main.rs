@@ -6,7 +6,9 @@ use std::io::Write;
 
 use husk_agent_protocol::agent as pb;
 use husk_agent_protocol::stream::StreamKind;
-use husk_tests::agent_vm::{ctx, read_to_end, AgentVm};
+use std::time::Duration;
+
+use husk_tests::agent_vm::{ctx, read_to_end, read_until, AgentVm};
 use husk_tests::oci::{process, spec};
 
 #[test]
@@ -106,7 +108,7 @@ fn terminal_with_resize_and_an_oom_kill_in_the_guest() {
     let mut tty = vm.stream("tty", "", StreamKind::Tty);
     vm.start("tty");
     let mut seen = String::new();
-    read_until(&mut tty, &mut seen, "24 80");
+    read_until(&mut tty, &mut seen, "24 80", Duration::from_secs(60));
     assert!(seen.contains("/dev/pts/0"), "{seen:?}");
     let mut req = pb::TtyWinResizeRequest::new();
     req.container_id = "tty".into();
@@ -133,15 +135,4 @@ fn terminal_with_resize_and_an_oom_kill_in_the_guest() {
     assert_eq!((status.exit_status, status.signal, status.oom_killed), (137, 9, true));
     vm.remove("hog");
     vm.shutdown();
-}
-
-/// Read from `s` into `seen` until it contains `marker`.
-fn read_until(s: &mut std::os::unix::net::UnixStream, seen: &mut String, marker: &str) {
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
-    let mut buf = [0u8; 4096];
-    while !seen.contains(marker) {
-        let n = std::io::Read::read(s, &mut buf).unwrap();
-        assert!(n > 0, "EOF before {marker:?}; got {seen:?}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
 }
