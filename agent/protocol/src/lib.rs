@@ -115,7 +115,7 @@ mod tests {
         let methods = agent_ttrpc::create_agent(service);
         assert!(methods.contains_key("/husk.agent.v1.Agent/CreateContainer"));
         assert!(methods.contains_key("/husk.agent.v1.Agent/WaitProcess"));
-        assert_eq!(methods.len(), 14);
+        assert_eq!(methods.len(), 21);
     }
 
     struct Unimplemented;
