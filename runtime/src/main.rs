@@ -1,44 +1,82 @@
-//! `husk`: the command-line front end. For now it offers `husk vm run`, which boots one micro-VM
-//! in the foreground for tests, benchmarks and people debugging guests; the runc-compatible
-//! container commands build on the same VMM library.
+//! `husk`: a runc-compatible OCI runtime that runs each container in its own KVM micro-VM.
+//! The commands are runc's (see `cli`); `husk vm run` boots a bare micro-VM for tests,
+//! benchmarks and people debugging guests.
 
+mod agent;
+mod bundle;
+mod cli;
+mod commands;
+mod console;
+mod container;
+mod logging;
+mod session;
+mod settings;
 mod signals;
+mod stdio;
+mod sync_pipe;
 mod terminal;
+mod vm_process;
 mod vm_run;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
-/// husk: run containers in KVM micro-VMs.
-#[derive(Parser, Debug)]
-#[command(name = "husk", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
+use cli::{Cli, Command, VmCommand};
 
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Work with micro-VMs directly.
-    #[command(subcommand)]
-    Vm(VmCommand),
-}
-
-#[derive(Subcommand, Debug)]
-enum VmCommand {
-    /// Boot one micro-VM in the foreground; exit 0 when the guest reboots or powers off.
-    Run(vm_run::VmRunArgs),
-}
-
-fn init_logging() {
-    let env = env_logger::Env::new().filter_or("HUSK_LOG", "warn");
-    env_logger::Builder::from_env(env).format_timestamp_micros().init();
+fn version() -> String {
+    format!(
+        "husk version {}\nspec: {}\nvmm: in-process KVM micro-VM (x86_64)\n",
+        env!("CARGO_PKG_VERSION"),
+        container::OCI_VERSION
+    )
 }
 
 fn main() {
-    init_logging();
     let cli = Cli::parse();
-    let code = match cli.command {
-        Command::Vm(VmCommand::Run(args)) => vm_run::run(args),
+    let global = &cli.global;
+    let level = if global.debug { log::LevelFilter::Debug } else { log::LevelFilter::Warn };
+    if let Err(e) = logging::init(global.log.as_deref(), global.log_format, level) {
+        eprintln!("husk: cannot open the log file: {e}");
+        std::process::exit(1);
+    }
+    if global.version {
+        print!("{}", version());
+        return;
+    }
+    let Some(command) = &cli.command else {
+        eprintln!("husk: a command is needed (see husk --help)");
+        std::process::exit(1);
     };
+    let result: anyhow::Result<i32> = match command {
+        Command::Create(args) => commands::create::run(global, args).map(|()| 0),
+        Command::Start(args) => commands::start::run(global, &args.id).map(|()| 0),
+        Command::Run(args) => commands::run::run(global, args),
+        Command::State(args) => commands::state::run(global, &args.id).map(|()| 0),
+        Command::Kill(args) => commands::kill::run(global, args).map(|()| 0),
+        Command::Delete(args) => commands::delete::run(global, args).map(|()| 0),
+        Command::Exec(args) => commands::exec::run(global, args),
+        Command::Ps(args) => commands::ps::run(global, args).map(|()| 0),
+        Command::List(args) => commands::list::run(global, args).map(|()| 0),
+        Command::Pause(args) => commands::pause::pause(global, &args.id).map(|()| 0),
+        Command::Resume(args) => commands::pause::resume(global, &args.id).map(|()| 0),
+        Command::Events(args) => commands::events::run(global, args).map(|()| 0),
+        Command::Update(args) => commands::update::run(global, args).map(|()| 0),
+        Command::Features => commands::features::run().map(|()| 0),
+        Command::Spec(args) => commands::spec::run(args).map(|()| 0),
+        Command::Vm(VmCommand::Run(args)) => Ok(vm_run::run(args)),
+        Command::VmProcess(args) => Ok(vm_process::main(global, args)),
+        Command::ExecProcess(args) => Ok(commands::exec::exec_process(global, args)),
+    };
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            let message = format!("{e:#}");
+            log::error!("{message}");
+            if global.log.is_some() {
+                eprintln!("{message}");
+            }
+            1
+        }
+    };
+    log::logger().flush();
     std::process::exit(code);
 }

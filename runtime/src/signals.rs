@@ -48,3 +48,114 @@ pub fn received() -> Option<i32> {
         signum => Some(signum),
     }
 }
+
+/// The signals a process standing for a container process (the VM process, an exec's process)
+/// passes on to it; SIGWINCH is a terminal resize.
+pub const FORWARDED: [i32; 8] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGCONT,
+];
+
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialize and edit it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in FORWARDED {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Block the forwarded signals in this thread and every thread it starts from now on, so that
+/// only [`wait_forwarded`] receives them. Call before starting threads.
+pub fn block_forwarded() {
+    let set = forwarded_set();
+    // SAFETY: changes this thread's signal mask with a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Wait for the next forwarded signal (they must be blocked, see [`block_forwarded`]).
+pub fn wait_forwarded() -> i32 {
+    let set = forwarded_set();
+    let mut signum = 0;
+    loop {
+        // SAFETY: sigwait with a valid set writes the signal number into `signum`.
+        if unsafe { libc::sigwait(&set, &mut signum) } == 0 {
+            return signum;
+        }
+    }
+}
+
+/// A signal from its name (`KILL`, `SIGKILL`, `kill`) or number, as `runc kill` takes it.
+pub fn parse(text: &str) -> Option<i32> {
+    if let Ok(n) = text.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let n = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "ILL" => libc::SIGILL,
+        "TRAP" => libc::SIGTRAP,
+        "ABRT" | "IOT" => libc::SIGABRT,
+        "BUS" => libc::SIGBUS,
+        "FPE" => libc::SIGFPE,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "SEGV" => libc::SIGSEGV,
+        "USR2" => libc::SIGUSR2,
+        "PIPE" => libc::SIGPIPE,
+        "ALRM" => libc::SIGALRM,
+        "TERM" => libc::SIGTERM,
+        "STKFLT" => libc::SIGSTKFLT,
+        "CHLD" => libc::SIGCHLD,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "TSTP" => libc::SIGTSTP,
+        "TTIN" => libc::SIGTTIN,
+        "TTOU" => libc::SIGTTOU,
+        "URG" => libc::SIGURG,
+        "XCPU" => libc::SIGXCPU,
+        "XFSZ" => libc::SIGXFSZ,
+        "VTALRM" => libc::SIGVTALRM,
+        "PROF" => libc::SIGPROF,
+        "WINCH" => libc::SIGWINCH,
+        "IO" | "POLL" => libc::SIGIO,
+        "PWR" => libc::SIGPWR,
+        "SYS" => libc::SIGSYS,
+        _ => {
+            let rt = name.strip_prefix("RTMIN")?;
+            let offset = if rt.is_empty() { 0 } else { rt.strip_prefix('+')?.parse().ok()? };
+            let n = libc::SIGRTMIN() + offset;
+            return (n <= libc::SIGRTMAX()).then_some(n);
+        }
+    };
+    Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_and_numbers() {
+        assert_eq!(parse("KILL"), Some(9));
+        assert_eq!(parse("SIGKILL"), Some(9));
+        assert_eq!(parse("sigterm"), Some(15));
+        assert_eq!(parse("9"), Some(9));
+        assert_eq!(parse("RTMIN+1"), Some(libc::SIGRTMIN() + 1));
+        assert_eq!(parse("0"), None);
+        assert_eq!(parse("65"), None);
+        assert_eq!(parse("SIGFOO"), None);
+    }
+}

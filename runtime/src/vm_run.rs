@@ -121,8 +121,8 @@ impl VmRunArgs {
 }
 
 /// Run the VM; returns the process exit code.
-pub fn run(args: VmRunArgs) -> i32 {
-    match boot_and_wait(&args) {
+pub fn run(args: &VmRunArgs) -> i32 {
+    match boot_and_wait(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("husk: error: {e:#}");

@@ -1,0 +1,166 @@
+//! A container process (the container's own or an exec) seen from the host process that stands
+//! for it: its stdio or terminal attached, the signals this host process gets passed on to it,
+//! and its exit status once it ends, after its last output byte.
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use husk_agent_protocol::agent as pb;
+use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::stream::StreamKind;
+
+use crate::agent::{ctx, ctx_forever, describe};
+use crate::console;
+use crate::signals;
+use crate::stdio::{self, dup, guest_to_host, host_to_guest, open_stream, std_fds};
+use crate::terminal::RawTerminal;
+
+/// How long output may still arrive after the process exited (the agent ends each stream once
+/// every holder of the pipe closed it; in the guest, the container's pid namespace dies with
+/// its init, so this only bounds a stuck stream).
+const OUTPUT_GRACE: Duration = Duration::from_secs(10);
+
+/// Where the process's terminal goes, when it has one.
+#[derive(Debug, Clone)]
+pub enum TerminalMode {
+    /// No terminal: the host process's descriptors 0, 1 and 2 are the process's stdio.
+    None,
+    /// A pty whose master goes to this console socket (runc's --console-socket).
+    ConsoleSocket(PathBuf),
+    /// This host process's own terminal (`husk run` in a shell).
+    Inherit,
+}
+
+/// An attached process.
+pub struct Session {
+    client: AgentClient,
+    container: String,
+    exec: String,
+    output: Vec<JoinHandle<()>>,
+    /// The host terminal whose size the guest terminal follows.
+    tty_fd: Option<RawFd>,
+    _tty: Option<std::fs::File>,
+    _raw: Option<RawTerminal>,
+}
+
+impl Session {
+    /// Attach to the stdio of process `exec` (empty: the container's own) of `container`.
+    /// `control`: make the host pty this process's controlling terminal (it is then told of
+    /// resizes by SIGWINCH); only a session leader without a terminal can.
+    pub fn attach(
+        client: AgentClient,
+        vsock: &Path,
+        container: &str,
+        exec: &str,
+        mode: &TerminalMode,
+        control: bool,
+    ) -> anyhow::Result<Self> {
+        let mut session = Session {
+            client,
+            container: container.into(),
+            exec: exec.into(),
+            output: vec![],
+            tty_fd: None,
+            _tty: None,
+            _raw: None,
+        };
+        match mode {
+            TerminalMode::None => {
+                session.output = stdio::attach_pipes(vsock, container, exec, std_fds())?;
+            }
+            TerminalMode::ConsoleSocket(socket) => {
+                let pty = console::pty_to_console_socket(socket, control)?;
+                let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
+                host_to_guest(pty.slave.try_clone()?, stream.try_clone()?);
+                session.output = vec![guest_to_host(stream, pty.slave.try_clone()?)];
+                session.tty_fd = Some(pty.slave.as_raw_fd());
+                session._tty = Some(pty.slave);
+            }
+            TerminalMode::Inherit => {
+                let [input, output, _] = std_fds();
+                session._raw = RawTerminal::enable(input.as_fd())
+                    .context("cannot put the terminal in raw mode")?;
+                let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
+                host_to_guest(dup(input)?, stream.try_clone()?);
+                session.output = vec![guest_to_host(stream, dup(output)?)];
+                session.tty_fd = Some(input.as_raw_fd());
+                session.resize();
+            }
+        }
+        Ok(session)
+    }
+
+    /// Give the guest terminal the host terminal's size (when it has one).
+    fn resize(&self) {
+        let Some((rows, columns)) = self.tty_fd.and_then(console::window_size) else { return };
+        if rows == 0 || columns == 0 {
+            return;
+        }
+        let mut req = pb::TtyWinResizeRequest::new();
+        req.container_id = self.container.clone();
+        req.exec_id = self.exec.clone();
+        req.rows = rows.into();
+        req.columns = columns.into();
+        if let Err(e) = self.client.tty_win_resize(ctx(), &req) {
+            log::debug!("resizing the terminal of {}: {}", self.container, describe(&e));
+        }
+    }
+
+    /// Pass the signals this process gets (blocked beforehand with
+    /// [`signals::block_forwarded`]) on to the guest process, and resizes to its terminal.
+    pub fn forward_signals(&self) {
+        let forwarder = Session {
+            client: self.client.clone(),
+            container: self.container.clone(),
+            exec: self.exec.clone(),
+            output: vec![],
+            tty_fd: self.tty_fd,
+            _tty: None,
+            _raw: None,
+        };
+        std::thread::spawn(move || loop {
+            let signum = signals::wait_forwarded();
+            if signum == libc::SIGWINCH {
+                forwarder.resize();
+                continue;
+            }
+            let mut req = pb::SignalProcessRequest::new();
+            req.container_id = forwarder.container.clone();
+            req.exec_id = forwarder.exec.clone();
+            req.signal = signum as u32;
+            if let Err(e) = forwarder.client.signal_process(ctx(), &req) {
+                log::debug!("forwarding signal {signum}: {}", describe(&e));
+            }
+        });
+    }
+
+    /// Wait for the process to exit and for its output to reach the host.
+    pub fn wait(mut self) -> anyhow::Result<pb::WaitProcessResponse> {
+        let mut req = pb::WaitProcessRequest::new();
+        req.container_id = self.container.clone();
+        req.exec_id = self.exec.clone();
+        let status = self
+            .client
+            .wait_process(ctx_forever(), &req)
+            .map_err(|e| anyhow::anyhow!("waiting for the process: {}", describe(&e)))?;
+        let (done, all_out) = mpsc::channel();
+        let output = std::mem::take(&mut self.output);
+        std::thread::spawn(move || {
+            for pump in output {
+                let _ = pump.join();
+            }
+            let _ = done.send(());
+        });
+        if all_out.recv_timeout(OUTPUT_GRACE).is_err() {
+            log::warn!(
+                "the output of {} did not end {OUTPUT_GRACE:?} after it exited",
+                self.container
+            );
+        }
+        Ok(status)
+    }
+}

@@ -1,0 +1,191 @@
+//! husk's own settings: the guest kernel and initramfs, the default guest size, the log level,
+//! where rootfs images are cached. Each comes from, in order of precedence: a global flag, the
+//! environment (`HUSK_KERNEL`, `HUSK_INITRD`, ...), the config file (`HUSK_CONFIG` or
+//! `/etc/husk/config.toml`), and last the assets `make install` put next to the binary
+//! (`<prefix>/bin/husk` finds `<prefix>/share/husk/`).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The config file read when `HUSK_CONFIG` does not name another.
+pub const DEFAULT_CONFIG: &str = "/etc/husk/config.toml";
+/// The guest kernel's file name under `<prefix>/share/husk/`.
+pub const KERNEL_FILE: &str = "vmlinux";
+/// The guest image's file name under `<prefix>/share/husk/`.
+pub const INITRD_FILE: &str = "husk-guest.cpio.gz";
+
+/// Guest memory when the spec sets no memory limit.
+const DEFAULT_MEM_MIB: u64 = 256;
+/// What the guest needs besides the container's memory limit (kernel, agent, page cache).
+pub const GUEST_OVERHEAD_MIB: u64 = 96;
+
+/// The config file (`/etc/husk/config.toml`); every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Appended to the guest kernel command line.
+    pub kernel_cmdline: Option<String>,
+    pub default_memory_mib: Option<u64>,
+    pub default_vcpus: Option<u8>,
+    /// error, warn, info or debug.
+    pub log_level: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+    /// How long a guest may take to boot and answer, in seconds.
+    pub boot_timeout_secs: Option<u64>,
+}
+
+/// Overrides from global flags.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub kernel_cmdline: String,
+    pub default_memory_mib: u64,
+    pub default_vcpus: u8,
+    pub log_level: log::LevelFilter,
+    pub cache_dir: PathBuf,
+    pub boot_timeout: std::time::Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("reading the config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("the config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid log_level {0:?} (expected error, warn, info or debug)")]
+    LogLevel(String),
+    #[error(
+        "no guest {what}: none at {default} (installed by `make install`); set {env}, \
+         --{flag} or `{flag}` in {config}"
+    )]
+    NoAsset {
+        what: &'static str,
+        default: String,
+        env: &'static str,
+        flag: &'static str,
+        config: String,
+    },
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// `<prefix>/share/husk`, where `<prefix>/bin/husk` is this binary.
+fn share_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.join("share/husk"))
+}
+
+impl Settings {
+    /// Read the settings: flags over environment over config file over installed defaults.
+    pub fn load(overrides: &Overrides) -> Result<Self, SettingsError> {
+        let config_path = env_path("HUSK_CONFIG").unwrap_or_else(|| DEFAULT_CONFIG.into());
+        let file = read_config(&config_path)?;
+        let share = share_dir();
+        let asset = |flag: &Option<PathBuf>,
+                     env: &'static str,
+                     configured: &Option<PathBuf>,
+                     name: &str,
+                     what: &'static str,
+                     flag_name: &'static str| {
+            if let Some(p) = flag.clone().or_else(|| env_path(env)).or_else(|| configured.clone()) {
+                return Ok(p);
+            }
+            let default = share.as_ref().map(|s| s.join(name));
+            match default {
+                Some(p) if p.is_file() => Ok(p),
+                _ => Err(SettingsError::NoAsset {
+                    what,
+                    default: default
+                        .map_or("<prefix>/share/husk".into(), |p| p.display().to_string()),
+                    env,
+                    flag: flag_name,
+                    config: config_path.display().to_string(),
+                }),
+            }
+        };
+        let kernel =
+            asset(&overrides.kernel, "HUSK_KERNEL", &file.kernel, KERNEL_FILE, "kernel", "kernel")?;
+        let initrd = asset(
+            &overrides.initrd,
+            "HUSK_INITRD",
+            &file.initrd,
+            INITRD_FILE,
+            "initramfs",
+            "initrd",
+        )?;
+        let log_level = match file.log_level.as_deref() {
+            None => log::LevelFilter::Warn,
+            Some(level) => parse_level(level)?,
+        };
+        let kernel_cmdline =
+            std::env::var("HUSK_KERNEL_CMDLINE").ok().or(file.kernel_cmdline).unwrap_or_default();
+        Ok(Settings {
+            kernel,
+            initrd,
+            kernel_cmdline,
+            default_memory_mib: file.default_memory_mib.unwrap_or(DEFAULT_MEM_MIB),
+            default_vcpus: file.default_vcpus.unwrap_or(1),
+            log_level,
+            cache_dir: env_path("HUSK_CACHE_DIR")
+                .or(file.cache_dir)
+                .unwrap_or_else(|| "/var/lib/husk/images".into()),
+            boot_timeout: std::time::Duration::from_secs(file.boot_timeout_secs.unwrap_or(120)),
+        })
+    }
+}
+
+fn parse_level(level: &str) -> Result<log::LevelFilter, SettingsError> {
+    match level {
+        "error" => Ok(log::LevelFilter::Error),
+        "warn" | "warning" => Ok(log::LevelFilter::Warn),
+        "info" => Ok(log::LevelFilter::Info),
+        "debug" => Ok(log::LevelFilter::Debug),
+        other => Err(SettingsError::LogLevel(other.into())),
+    }
+}
+
+/// The config file's contents; a missing file is an empty config.
+fn read_config(path: &Path) -> Result<ConfigFile, SettingsError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ConfigFile::default()),
+        Err(source) => {
+            return Err(SettingsError::Read { path: path.display().to_string(), source })
+        }
+    };
+    toml::from_str(&text).map_err(|e| SettingsError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_keys() {
+        let c: ConfigFile = toml::from_str(
+            "kernel = \"/k\"\ninitrd = \"/i\"\ndefault_memory_mib = 512\ndefault_vcpus = 2\n\
+             log_level = \"debug\"\nkernel_cmdline = \"quiet\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!((c.default_memory_mib, c.default_vcpus), (Some(512), Some(2)));
+        assert!(toml::from_str::<ConfigFile>("kernal = \"/k\"").is_err(), "typos are errors");
+        assert!(parse_level("loud").is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! A container's VM process: the host process that owns the container's micro-VM (the VMM
+//! library runs in it, on its own threads), creates the container through the guest agent,
+//! carries its stdio or terminal and the signals it gets, and exits with the container's exit
+//! status (128 + the signal when a signal ended it). `create` starts it in the background
+//! (`husk vm-process`) and returns once the container is created; `run` without --detach is
+//! one itself.
+
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use husk_agent_protocol::agent as pb;
+use husk_agent_protocol::agent_ttrpc::AgentClient;
+use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
+use vmm::devices::virtio::block::BlockConfig;
+use vmm::devices::virtio::vsock::VsockConfig;
+use vmm::micro_vm::{MicroVm, VmOutcome, VmmError};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::agent::{self, ctx, describe};
+use crate::bundle::Bundle;
+use crate::container::{console_path, vsock_path, Record};
+use crate::session::{Session, TerminalMode};
+use crate::settings::Settings;
+
+/// The guest's context id on its vsock device.
+const GUEST_CID: u64 = 3;
+/// The rootfs disk in the guest: the first virtio-blk device.
+const ROOTFS_DEVICE: &str = "/dev/vda";
+
+/// A micro-VM running on its own threads, stopped when this is dropped.
+struct VmHandle {
+    stop: EventFd,
+    thread: Option<JoinHandle<Result<VmOutcome, VmmError>>>,
+}
+
+impl VmHandle {
+    fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(Ok(outcome)) => log::debug!("the VM ended: {:?}", outcome.exit),
+                Ok(Err(e)) => log::error!("the VM failed: {}", vmm::error_chain::ErrorChain(&e)),
+                Err(_) => log::error!("the VM thread panicked"),
+            }
+        }
+    }
+}
+
+/// A container created in its VM, its process attached.
+pub struct CreatedContainer {
+    pub client: AgentClient,
+    session: Session,
+    vm: VmHandle,
+}
+
+/// Boot the VM for `record`'s container from `bundle` and create the container in it, with its
+/// stdio attached as `terminal` says.
+pub fn boot_and_create(
+    settings: &Settings,
+    dir: &Path,
+    record: &Record,
+    bundle: &Bundle,
+    terminal: &TerminalMode,
+    control_tty: bool,
+) -> anyhow::Result<CreatedContainer> {
+    let vsock = vsock_path(dir);
+    let config = VmConfig {
+        kernel: settings.kernel.clone(),
+        initrd: Some(settings.initrd.clone()),
+        extra_cmdline: settings.kernel_cmdline.clone(),
+        mem_mib: bundle.guest_mem_mib(settings),
+        vcpus: bundle.guest_vcpus(settings),
+        console: ConsoleConfig {
+            output: ConsoleOutput::File(console_path(dir)),
+            read_stdin: false,
+        },
+        disks: vec![BlockConfig { path: record.image.path.clone(), read_only: true, id: None }],
+        nets: vec![],
+        vsock: Some(VsockConfig { guest_cid: GUEST_CID, uds_path: vsock.clone() }),
+    };
+    let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
+    let stop = vm.stop_event().context("cannot create the VM's stop event")?;
+    let thread = std::thread::Builder::new()
+        .name("vmm".into())
+        .spawn(move || vm.run())
+        .context("cannot start the VMM thread")?;
+    let vm = VmHandle { stop, thread: Some(thread) };
+    let client =
+        agent::wait_ready(&vsock, settings.boot_timeout, || vm.running()).ok_or_else(|| {
+            anyhow!(
+                "the guest agent did not answer (the VM {}; its console: {})",
+                if vm.running() { "still boots" } else { "ended" },
+                console_path(dir).display()
+            )
+        })?;
+    set_guest_clock(&client);
+    create_container(&client, record, bundle)?;
+    let session = Session::attach(client.clone(), &vsock, &record.id, "", terminal, control_tty)?;
+    Ok(CreatedContainer { client, session, vm })
+}
+
+/// Give the guest the host's time: its clock starts from the RTC-less boot's guess.
+fn set_guest_clock(client: &AgentClient) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut req = pb::SetTimeRequest::new();
+    req.seconds = now.as_secs() as i64;
+    req.nanos = now.subsec_nanos();
+    if let Err(e) = client.set_time(ctx(), &req) {
+        log::warn!("cannot set the guest's clock: {}", describe(&e));
+    }
+}
+
+fn create_container(client: &AgentClient, record: &Record, bundle: &Bundle) -> anyhow::Result<()> {
+    let mut req = pb::CreateContainerRequest::new();
+    req.container_id = record.id.clone();
+    req.oci_spec_json = serde_json::to_vec(&bundle.spec).expect("a JSON value serializes");
+    let rootfs = req.rootfs.mut_or_insert_default();
+    let mut block = pb::BlockDevice::new();
+    block.device = ROOTFS_DEVICE.into();
+    block.fstype = record.image.fstype.clone();
+    rootfs.set_block(block);
+    rootfs.mode =
+        if bundle.readonly_root() { pb::RootfsMode::READ_ONLY } else { pb::RootfsMode::OVERLAY }
+            .into();
+    let stdio = req.stdio.mut_or_insert_default();
+    (stdio.stdin, stdio.stdout, stdio.stderr) = (true, true, true);
+    for (source, content) in bundle.host_files() {
+        let mut file = pb::HostFile::new();
+        file.source = source;
+        file.content = content;
+        req.host_files.push(file);
+    }
+    client
+        .create_container(ctx(), &req)
+        .map(drop)
+        .map_err(|e| anyhow!("the guest could not create the container: {}", describe(&e)))
+}
+
+impl CreatedContainer {
+    /// Start the container's process (for `run`; `start` asks the agent itself).
+    pub fn start(&self, id: &str) -> anyhow::Result<()> {
+        let mut req = pb::StartContainerRequest::new();
+        req.container_id = id.into();
+        self.client
+            .start_container(ctx(), &req)
+            .map(drop)
+            .map_err(|e| anyhow!("cannot start the container: {}", describe(&e)))
+    }
+
+    /// Pass signals on, wait for the container's process to exit, stop the VM; the exit
+    /// status to exit with.
+    pub fn serve(self) -> i32 {
+        self.session.forward_signals();
+        let code = match self.session.wait() {
+            Ok(status) => status.exit_status,
+            Err(e) => {
+                log::error!("the container's VM ended before its process reported an exit: {e:#}");
+                255
+            }
+        };
+        drop(self.vm);
+        code
+    }
+}
+
+/// `husk vm-process`: the background VM process `create` starts; reports to `create` through
+/// the sync pipe once the container is created, then serves it.
+pub fn main(global: &crate::cli::GlobalArgs, args: &crate::cli::VmProcessArgs) -> i32 {
+    let Some(sync) = crate::sync_pipe::SyncWriter::from_env() else {
+        log::error!("husk vm-process is started by husk create");
+        return 1;
+    };
+    crate::signals::block_forwarded();
+    // SAFETY: setsid has no memory effects; `create` started this process, which is not a
+    // process group leader: it becomes the leader of a new session without a terminal, out
+    // of reach of the caller's terminal signals, and able to take the pty as its terminal.
+    unsafe { libc::setsid() };
+    let created = (|| {
+        let settings = crate::commands::settings(global)?;
+        let dir = global.root.join(&args.id);
+        let record = crate::container::peek(&global.root, &args.id)?;
+        let bundle = Bundle::load(&record.bundle)?;
+        let terminal = match (&args.console_socket, bundle.terminal()) {
+            (Some(socket), true) => TerminalMode::ConsoleSocket(socket.clone()),
+            _ => TerminalMode::None,
+        };
+        boot_and_create(&settings, &dir, &record, &bundle, &terminal, true)
+    })();
+    match created {
+        Ok(created) => {
+            if !sync.report(Ok(())) {
+                log::error!("husk create went away before the container was reported; ending it");
+                return 1;
+            }
+            created.serve()
+        }
+        Err(e) => {
+            log::error!("{e:#}");
+            sync.report(Err(format!("{e:#}")));
+            1
+        }
+    }
+}
