@@ -11,6 +11,7 @@ mod container;
 mod logging;
 mod session;
 mod settings;
+mod network;
 mod signals;
 mod stdio;
 mod sync_pipe;
