@@ -21,7 +21,7 @@ HAVE_CGROUP2_MEMORY := $(shell grep -qw memory /sys/fs/cgroup/cgroup.controllers
 
 
 .PHONY: deps all build husk test-initramfs guest-image check-kernel run test test-unit test-e2e test-agent-cgroups \
-	kernel bench clean
+	kernel install uninstall bench clean
 
 all: build
 
@@ -89,6 +89,19 @@ endif
 # tree): build/kernel/vmlinux. A user's step; tests use the prebuilt kernel.
 kernel:
 	guest-image/kernel/build.sh $(BUILD)/kernel
+
+# Install husk and its guest assets where the installed husk finds them with no flags:
+# $(PREFIX)/bin/husk, $(PREFIX)/share/husk/{vmlinux,husk-guest.cpio.gz}.
+PREFIX ?= /usr/local
+install: husk guest-image check-kernel
+	install -D -m 0755 $(HUSK) $(DESTDIR)$(PREFIX)/bin/husk
+	install -D -m 0644 $(KERNEL) $(DESTDIR)$(PREFIX)/share/husk/vmlinux
+	install -D -m 0644 $(GUEST_IMAGE) $(DESTDIR)$(PREFIX)/share/husk/husk-guest.cpio.gz
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/husk $(DESTDIR)$(PREFIX)/share/husk/vmlinux \
+		$(DESTDIR)$(PREFIX)/share/husk/husk-guest.cpio.gz
+	-rmdir $(DESTDIR)$(PREFIX)/share/husk
 
 bench: deps build guest-image check-kernel
 	$(CARGO) build --release -p husk-bench-agent

@@ -30,8 +30,10 @@ pub enum BundleError {
 pub struct Bundle {
     /// The bundle directory, absolute.
     pub dir: PathBuf,
-    /// `config.json`.
+    /// `config.json`, as it is (it goes to the agent so).
     pub spec: Value,
+    /// The same, typed.
+    pub oci: oci_spec::runtime::Spec,
     /// The root file system directory, absolute.
     pub rootfs: PathBuf,
 }
@@ -55,12 +57,19 @@ impl Bundle {
             message: e.to_string(),
         })?;
         check(&spec)?;
+        let oci = serde_json::from_value(spec.clone())
+            .map_err(|e| BundleError::Invalid(e.to_string()))?;
         let root = spec["root"]["path"].as_str().unwrap_or_default();
         let rootfs = dir.join(root);
         if !rootfs.is_dir() {
             return Err(BundleError::NoRootfs(rootfs.display().to_string()));
         }
-        Ok(Bundle { dir, spec, rootfs })
+        Ok(Bundle { dir, spec, oci, rootfs })
+    }
+
+    /// The network namespace the spec names by path (where Docker or CNI put a veth).
+    pub fn netns(&self) -> Option<PathBuf> {
+        crate::network::netns_path(&self.oci).map(Path::to_path_buf)
     }
 
     /// Whether the spec asks for a read-only root.
@@ -172,7 +181,7 @@ mod tests {
 
     fn good() -> Value {
         json!({"ociVersion": "1.0.2", "root": {"path": "rootfs"},
-               "process": {"args": ["sh"], "cwd": "/"}})
+               "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}})
     }
 
     #[test]
@@ -204,12 +213,18 @@ mod tests {
             cache_dir: "/c".into(),
             boot_timeout: std::time::Duration::from_secs(1),
         };
+        let bundle = |spec: &Value| Bundle {
+            dir: "/b".into(),
+            spec: spec.clone(),
+            oci: serde_json::from_value(spec.clone()).unwrap(),
+            rootfs: "/b/rootfs".into(),
+        };
         let mut spec = good();
-        let b = Bundle { dir: "/b".into(), spec: spec.clone(), rootfs: "/b/rootfs".into() };
+        let b = bundle(&spec);
         assert_eq!((b.guest_mem_mib(&settings), b.guest_vcpus(&settings)), (200, 1));
         spec["linux"] = json!({"resources": {"memory": {"limit": 64 << 20},
                                               "cpu": {"quota": 150000, "period": 100000}}});
-        let b = Bundle { dir: "/b".into(), spec, rootfs: "/b/rootfs".into() };
+        let b = bundle(&spec);
         assert_eq!(b.guest_mem_mib(&settings), 64 + GUEST_OVERHEAD_MIB);
         let host = std::thread::available_parallelism().unwrap().get() as u8;
         assert_eq!(b.guest_vcpus(&settings), 2.min(host));

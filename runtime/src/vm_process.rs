@@ -21,11 +21,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::agent::{self, ctx, describe};
 use crate::bundle::Bundle;
 use crate::container::{console_path, vsock_path, Record};
+use crate::network::{self, GuestNetwork, Network};
 use crate::session::{Session, TerminalMode};
 use crate::settings::Settings;
 
 /// The guest's context id on its vsock device.
 const GUEST_CID: u64 = 3;
+/// The largest MTU a guest NIC gets: the VMM's receive buffers hold 1500-byte frames.
+const MAX_GUEST_MTU: u32 = 1500;
 /// The rootfs disk in the guest: the first virtio-blk device.
 const ROOTFS_DEVICE: &str = "/dev/vda";
 
@@ -72,6 +75,7 @@ pub fn boot_and_create(
     control_tty: bool,
 ) -> anyhow::Result<CreatedContainer> {
     let vsock = vsock_path(dir);
+    let network = set_up_network(dir, bundle)?;
     let config = VmConfig {
         kernel: settings.kernel.clone(),
         initrd: Some(settings.initrd.clone()),
@@ -83,7 +87,7 @@ pub fn boot_and_create(
             read_stdin: false,
         },
         disks: vec![BlockConfig { path: record.image.path.clone(), read_only: true, id: None }],
-        nets: vec![],
+        nets: network.as_ref().map(Network::net_configs).unwrap_or_default(),
         vsock: Some(VsockConfig { guest_cid: GUEST_CID, uds_path: vsock.clone() }),
     };
     let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
@@ -102,9 +106,64 @@ pub fn boot_and_create(
             )
         })?;
     set_guest_clock(&client);
+    if let Some(network) = &network {
+        configure_guest_network(&client, &network.guest)?;
+    }
     create_container(&client, record, bundle)?;
     let session = Session::attach(client.clone(), &vsock, &record.id, "", terminal, control_tty)?;
     Ok(CreatedContainer { client, session, vm })
+}
+
+/// Take over the interfaces of the spec's network namespace (see `network`), record that for
+/// `delete`, and move this process into the namespace, where the VMM opens the taps.
+fn set_up_network(dir: &Path, bundle: &Bundle) -> anyhow::Result<Option<Network>> {
+    let Some(netns) = bundle.netns() else { return Ok(None) };
+    let Some(network) = network::setup(&netns)
+        .with_context(|| format!("cannot set up the network of {}", netns.display()))?
+    else {
+        return Ok(None);
+    };
+    network::save_record(dir, &network.record)?;
+    network::enter_netns(&netns)
+        .with_context(|| format!("cannot enter the network namespace {}", netns.display()))?;
+    Ok(Some(network))
+}
+
+/// Give the guest NICs the addresses, MTU and routes of the interfaces they took over.
+fn configure_guest_network(client: &AgentClient, guest: &GuestNetwork) -> anyhow::Result<()> {
+    for nic in &guest.interfaces {
+        let mut req = pb::UpdateInterfaceRequest::new();
+        let i = req.interface.mut_or_insert_default();
+        i.mac = nic.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        i.name = nic.name.clone();
+        if nic.mtu > MAX_GUEST_MTU {
+            log::warn!("{}: MTU {} capped to {MAX_GUEST_MTU} in the guest", nic.name, nic.mtu);
+        }
+        i.mtu = nic.mtu.min(MAX_GUEST_MTU);
+        for a in &nic.addresses {
+            let mut address = pb::IpAddress::new();
+            address.address = a.address.to_string();
+            address.prefix_len = a.prefix_len.into();
+            i.addresses.push(address);
+        }
+        client
+            .update_interface(ctx(), &req)
+            .map_err(|e| anyhow!("cannot configure the guest's {}: {}", nic.name, describe(&e)))?;
+    }
+    let mut req = pb::UpdateRoutesRequest::new();
+    for r in &guest.routes {
+        let mut route = pb::Route::new();
+        route.destination =
+            r.destination.map(|d| format!("{}/{}", d.address, d.prefix_len)).unwrap_or_default();
+        route.gateway = r.gateway.map(|g| g.to_string()).unwrap_or_default();
+        route.device = r.device.clone();
+        route.source = r.source.map(|s| s.to_string()).unwrap_or_default();
+        req.routes.push(route);
+    }
+    client
+        .update_routes(ctx(), &req)
+        .map(drop)
+        .map_err(|e| anyhow!("cannot set the guest's routes: {}", describe(&e)))
 }
 
 /// Give the guest the host's time: its clock starts from the RTC-less boot's guess.
@@ -192,7 +251,11 @@ pub fn main(global: &crate::cli::GlobalArgs, args: &crate::cli::VmProcessArgs) -
             (Some(socket), true) => TerminalMode::ConsoleSocket(socket.clone()),
             _ => TerminalMode::None,
         };
-        boot_and_create(&settings, &dir, &record, &bundle, &terminal, true)
+        let created = boot_and_create(&settings, &dir, &record, &bundle, &terminal, true)?;
+        if matches!(terminal, TerminalMode::ConsoleSocket(_)) {
+            crate::stdio::release_std_fds().context("cannot release the caller's stdio")?;
+        }
+        anyhow::Ok(created)
     })();
     match created {
         Ok(created) => {

@@ -7,4 +7,5 @@ pub mod cpio;
 pub mod guest;
 pub mod oci;
 pub mod rootfs;
+pub mod runtime;
 pub mod tiny_guest;

@@ -25,12 +25,13 @@ pub fn create(global: &GlobalArgs, args: &CreateArgs) -> anyhow::Result<(Contain
     if args.preserve_fds > 0 {
         bail!("--preserve-fds: descriptors cannot be passed into a container's VM");
     }
+    crate::container::check_id(&args.id)?;
     let settings = settings(global)?;
     let container = Container::create(&global.root, &args.id)?;
     match create_in(global, &settings, &container, args) {
         Ok(record) => Ok((container, record)),
         Err(e) => {
-            if let Err(cleanup) = container.destroy() {
+            if let Err(cleanup) = crate::commands::delete::clean_up(container) {
                 log::error!("cleaning up after a failed create: {cleanup}");
             }
             Err(e)

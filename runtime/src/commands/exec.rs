@@ -91,6 +91,9 @@ pub fn exec_process(global: &GlobalArgs, args: &ExecProcessArgs) -> i32 {
         let mode =
             args.console_socket.clone().map_or(TerminalMode::None, TerminalMode::ConsoleSocket);
         let session = start_exec(&client, &vsock, &args.id, &args.exec_id, &process, &mode, true)?;
+        if args.console_socket.is_some() {
+            crate::stdio::release_std_fds().context("cannot release the caller's stdio")?;
+        }
         anyhow::Ok((client, session))
     })();
     match started {

@@ -58,7 +58,9 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<i32> {
     let created = match created {
         Ok(created) => created,
         Err(e) => {
-            let _ = container.destroy();
+            if let Err(cleanup) = delete::clean_up(container) {
+                log::error!("cleaning up after a failed run: {cleanup:#}");
+            }
             return Err(e);
         }
     };

@@ -172,7 +172,7 @@ pub fn vsock_path(dir: &Path) -> PathBuf {
     dir.join("vsock.sock")
 }
 
-fn check_id(id: &str) -> Result<(), StateError> {
+pub fn check_id(id: &str) -> Result<(), StateError> {
     if husk_agent_protocol::valid_id(id) {
         Ok(())
     } else {

@@ -198,6 +198,7 @@ pub fn enter_netns(netns: &Path) -> Result<(), NetworkError> {
 }
 
 /// What the guest would get from the namespace at `netns`, without changing anything.
+#[cfg(test)]
 pub fn inspect(netns: &Path) -> Result<GuestNetwork, NetworkError> {
     netns::run_in(netns, || {
         let found = inspect::inspect(&mut netlink::Socket::open()?)?;
@@ -314,6 +315,27 @@ fn remove_mirror(
     });
     qdisc_removed.and(tap_removed)
 }
+
+/// Keep `record` with a container's state in `dir` (before anything else can fail, so that a
+/// delete finds it).
+pub fn save_record(dir: &Path, record: &NetworkRecord) -> io::Result<()> {
+    let json = serde_json::to_vec(record).expect("a record serializes");
+    std::fs::write(dir.join(RECORD_FILE), json)
+}
+
+/// The record [`save_record`] kept in `dir`, if any.
+pub fn load_record(dir: &Path) -> io::Result<Option<NetworkRecord>> {
+    match std::fs::read(dir.join(RECORD_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The record's file name in a container's state directory.
+const RECORD_FILE: &str = "network.json";
 
 /// Undo [`setup`] from its record: remove the veth's ingress qdisc and filter, delete the taps
 /// with theirs. Done already when the namespace is gone.

@@ -1,0 +1,410 @@
+//! The `husk` runtime end to end, driven as containerd's runc shim drives runc: bundles from
+//! busybox-static, real guests inside the nested test host, the VM processes reaped by this
+//! test process as a subreaper (as the shim is), and nothing left behind after each test.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use husk_tests::oci::{process, spec};
+use husk_tests::runtime::{wait_pid, Husk};
+use serde_json::json;
+
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Wait until `id` exists and has `status`.
+fn wait_status(husk: &Husk, id: &str, status: &str) {
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    loop {
+        let out = husk.output(&["state", id]);
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if state["status"] == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} never became {status}: {out:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn lifecycle_create_start_kill_delete() {
+    let husk = Husk::new();
+    let bundle = husk.bundle("life", &["sleep", "1000"]);
+    let pid = husk.create("life", &bundle);
+    let state = husk.state("life");
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["pid"], pid);
+    assert_eq!(state["bundle"], bundle.to_str().unwrap());
+    assert_eq!(state["id"], "life");
+
+    husk.ok(&["start", "life"]);
+    assert_eq!(husk.state("life")["status"], "running");
+    assert!(husk.fails(&["start", "life"]).contains("running"), "a second start is refused");
+    assert!(husk.fails(&["delete", "life"]).contains("not stopped"), "a running one stays");
+
+    husk.ok(&["kill", "life", "KILL"]);
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 137, "the VM process exits as SIGKILL did");
+    let state = husk.state("life");
+    assert_eq!((state["status"].as_str(), state["pid"].as_i64()), (Some("stopped"), Some(0)));
+    assert!(husk.fails(&["kill", "life", "TERM"]).contains("container not running"));
+
+    husk.ok(&["delete", "life"]);
+    assert!(husk.fails(&["state", "life"]).contains("container \"life\" does not exist"));
+    let log = std::fs::read_to_string(husk.log()).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "error");
+    assert_eq!(last["msg"], "container \"life\" does not exist");
+    husk.assert_nothing_left();
+}
+
+#[test]
+fn run_exit_codes_the_guest_kernel_and_stdin() {
+    let husk = Husk::new();
+    let bundle = husk.bundle("three", &["sh", "-c", "exit 3"]);
+    let out = husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), "three"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    let bundle = husk.bundle("uname", &["uname", "-r"]);
+    let out = husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), "uname"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let guest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(!guest.is_empty());
+    assert_ne!(guest, host.trim(), "uname -r in the container is the guest kernel's");
+
+    let bundle = husk.bundle("cat", &["sh", "-c", "cat; echo done >&2"]);
+    let mut child = husk
+        .cmd(&["run", "--bundle", bundle.to_str().unwrap(), "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = {
+        let input = input.clone();
+        std::thread::spawn(move || stdin.write_all(&input).unwrap())
+    };
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout == input, "stdin came back whole through cat ({} bytes)", out.stdout.len());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("done"));
+
+    let bundle = husk.bundle("killed", &["sleep", "1000"]);
+    let mut child =
+        husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), "killed"]).spawn().unwrap();
+    wait_status(&husk, "killed", "running");
+    husk.ok(&["kill", "killed", "9"]);
+    assert_eq!(child.wait().unwrap().code(), Some(137));
+    husk.assert_nothing_left();
+}
+
+/// Receive the pty master the way containerd's console receiver does.
+fn recv_master(listener: &UnixListener) -> OwnedFd {
+    let (conn, _) = listener.accept().unwrap();
+    let mut data = [0u8; 64];
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    let mut control = [0u8; 64];
+    // SAFETY: msghdr points at live buffers; the kernel fills one SCM_RIGHTS descriptor.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() as _;
+        assert!(libc::recvmsg(conn.as_raw_fd(), &mut msg, 0) > 0);
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        assert!(!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS);
+        OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()))
+    }
+}
+
+#[test]
+fn a_terminal_through_the_console_socket_with_a_resize() {
+    let husk = Husk::new();
+    let mut p = process(&["sh"]);
+    p["terminal"] = true.into();
+    let bundle = husk.bundle_with("tty", spec(p));
+    let socket = husk.dir().join("console.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let pid_file = husk.dir().join("tty.pid");
+    let receiver = std::thread::spawn(move || recv_master(&listener));
+    husk.ok_detached(
+        "tty",
+        &[
+            "create",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--console-socket",
+            socket.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "tty",
+        ],
+    );
+    let master = std::fs::File::from(receiver.join().unwrap());
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    husk.ok(&["start", "tty"]);
+    let ws = libc::winsize { ws_row: 50, ws_col: 132, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+    assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+    // The resize travels as SIGWINCH -> TtyWinResize; give it a moment before asking.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut writer = master.try_clone().unwrap();
+    writer.write_all(b"stty size; tty; exit 7\n").unwrap();
+    let mut seen = String::new();
+    let mut reader = master;
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while !(seen.contains("50 132") && seen.contains("/dev/pts/")) {
+        assert!(Instant::now() < deadline, "no size and tty in {seen:?}: {}", husk.logs());
+        let mut pfd = libc::pollfd { fd: reader.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 1000) } <= 0 {
+            continue;
+        }
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    assert!(seen.contains("50 132"), "the guest terminal got the resize: {seen:?}");
+    assert!(seen.contains("/dev/pts/"), "the shell has a terminal: {seen:?}");
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 7);
+    husk.ok(&["delete", "tty"]);
+    husk.assert_nothing_left();
+}
+
+#[test]
+fn exec_ps_pause_resume_kill_all_and_delete_force() {
+    let husk = Husk::new();
+    let bundle = husk.bundle("box", &["sleep", "1000"]);
+    let pid_file = husk.dir().join("box.pid");
+    husk.ok_detached(
+        "box",
+        &[
+            "run",
+            "--detach",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "box",
+        ],
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert_eq!(husk.state("box")["status"], "running");
+
+    let out = husk.output(&["exec", "-e", "WHO=exec", "box", "sh", "-c", "echo in $WHO; exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in exec\n");
+
+    let exec_pid_file = husk.dir().join("exec.pid");
+    husk.ok_detached(
+        "exec",
+        &["exec", "--detach", "--pid-file", exec_pid_file.to_str().unwrap(), "box", "sleep", "999"],
+    );
+    let exec_pid: i32 = std::fs::read_to_string(&exec_pid_file).unwrap().trim().parse().unwrap();
+    let pids: Vec<i32> =
+        serde_json::from_str(&husk.ok(&["ps", "--format", "json", "box"])).unwrap();
+    assert_eq!(pids.len(), 2, "sleep 1000 and the exec'd sleep 999: {pids:?}");
+    let table = husk.ok(&["ps", "box"]);
+    assert!(table.starts_with("UID") && table.contains("sleep 999"), "{table}");
+
+    husk.ok(&["pause", "box"]);
+    assert_eq!(husk.state("box")["status"], "paused");
+    assert!(husk.fails(&["exec", "box", "true"]).contains("paused"));
+    husk.ok(&["resume", "box"]);
+    assert_eq!(husk.state("box")["status"], "running");
+    let stats: serde_json::Value =
+        serde_json::from_str(&husk.ok(&["events", "--stats", "box"])).unwrap();
+    assert_eq!(stats["type"], "stats");
+    assert!(stats["data"]["pids"]["current"].as_u64().unwrap() >= 2, "{stats}");
+    assert!(stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0, "{stats}");
+
+    husk.ok(&["kill", "--all", "box", "KILL"]);
+    assert_eq!(wait_pid(exec_pid, EXIT_TIMEOUT), 137, "the exec died with the rest");
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 137);
+    husk.ok(&["delete", "box"]);
+
+    // delete --force of a running container.
+    let pid = husk.create("forced", &bundle);
+    husk.ok(&["start", "forced"]);
+    husk.ok(&["delete", "--force", "forced"]);
+    wait_pid(pid, EXIT_TIMEOUT);
+    assert!(husk.fails(&["state", "forced"]).contains("does not exist"));
+    husk.assert_nothing_left();
+}
+
+#[test]
+fn kill_9_of_the_vm_process_then_delete_leaves_nothing() {
+    let husk = Husk::new();
+    let bundle = husk.bundle("victim", &["sleep", "1000"]);
+    let pid = husk.create("victim", &bundle);
+    husk.ok(&["start", "victim"]);
+    // SAFETY: kill(2) on the VM process this test's husk started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    assert_eq!(wait_pid(pid, EXIT_TIMEOUT), 137);
+    assert_eq!(husk.state("victim")["status"], "stopped");
+    assert!(husk.fails(&["exec", "victim", "true"]).contains("container not running"));
+    husk.ok(&["delete", "victim"]);
+    husk.assert_nothing_left();
+}
+
+#[test]
+fn twenty_containers_in_parallel_leave_nothing() {
+    let husk = std::sync::Arc::new(Husk::new());
+    let bundle = husk.bundle("many", &["sleep", "1000"]);
+    let ids: Vec<String> = (0..20).map(|i| format!("many-{i}")).collect();
+    let create: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (husk, bundle, id) = (husk.clone(), bundle.clone(), id.clone());
+            std::thread::spawn(move || {
+                husk.create(&id, &bundle);
+                husk.ok(&["start", &id]);
+            })
+        })
+        .collect();
+    for t in create {
+        t.join().unwrap();
+    }
+    let listed = husk.ok(&["list", "--quiet"]);
+    assert_eq!(listed.lines().count(), 20, "{listed}");
+    let delete: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (husk, id) = (husk.clone(), id.clone());
+            std::thread::spawn(move || husk.ok(&["delete", "--force", &id]))
+        })
+        .collect();
+    for t in delete {
+        t.join().unwrap();
+    }
+    husk.assert_nothing_left();
+}
+
+#[test]
+fn bad_bundles_and_ids_get_clear_errors_and_leave_nothing() {
+    let husk = Husk::new();
+    let empty = husk.dir().join("bundles/empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = husk.fails(&["create", "--bundle", empty.to_str().unwrap(), "c"]);
+    assert!(e.contains("has no config.json"), "{e}");
+
+    let bad_json = husk.dir().join("bundles/bad-json");
+    std::fs::create_dir_all(&bad_json).unwrap();
+    std::fs::write(bad_json.join("config.json"), "{ not json").unwrap();
+    let e = husk.fails(&["create", "--bundle", bad_json.to_str().unwrap(), "c"]);
+    assert!(e.contains("is not valid JSON"), "{e}");
+
+    let mut no_rootfs = spec(process(&["true"]));
+    no_rootfs["root"]["path"] = "missing-rootfs".into();
+    let dir = husk.dir().join("bundles/no-rootfs");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), no_rootfs.to_string()).unwrap();
+    let e = husk.fails(&["create", "--bundle", dir.to_str().unwrap(), "c"]);
+    assert!(e.contains("missing-rootfs") && e.contains("does not exist"), "{e}");
+
+    for verb in [&["state"][..], &["start"], &["kill"], &["delete"], &["exec"], &["pause"]] {
+        let mut args = verb.to_vec();
+        args.push("nobody");
+        if verb[0] == "exec" {
+            args.push("true");
+        }
+        let e = husk.fails(&args);
+        assert!(e.contains("container \"nobody\" does not exist"), "{verb:?}: {e}");
+    }
+    husk.assert_nothing_left();
+
+    let bundle = husk.bundle("twice", &["sleep", "1000"]);
+    let pid = husk.create("twice", &bundle);
+    let e = husk.fails(&["create", "--bundle", bundle.to_str().unwrap(), "twice"]);
+    assert!(e.contains("already exists"), "{e}");
+    assert_eq!(husk.state("twice")["status"], "created", "the first one is untouched");
+    husk.ok(&["delete", "twice"]);
+    wait_pid(pid, EXIT_TIMEOUT);
+    husk.assert_nothing_left();
+}
+
+/// A network namespace with a veth whose other end is in the test's namespace.
+struct Netns {
+    name: String,
+    host_veth: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("ip runs");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Netns {
+    fn new(n: u32) -> Self {
+        let name = format!("husk-e2e-{}-{n}", std::process::id());
+        let host_veth = format!("hve{n}");
+        ip(&["netns", "add", &name]);
+        ip(&["link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &name]);
+        ip(&["addr", "add", "10.200.0.1/24", "dev", &host_veth]);
+        ip(&["link", "set", &host_veth, "up"]);
+        ip(&["-n", &name, "addr", "add", "10.200.0.2/24", "dev", "eth0"]);
+        ip(&["-n", &name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &name, "route", "add", "default", "via", "10.200.0.1"]);
+        Netns { name, host_veth }
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_veth]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+#[test]
+fn a_container_in_a_network_namespace_reaches_outside_through_the_tap() {
+    let husk = Husk::new();
+    let netns = Netns::new(1);
+    let listener = std::net::TcpListener::bind("10.200.0.1:18080").unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        (peer, got)
+    });
+    let mut config = spec(process(&[
+        "sh",
+        "-c",
+        "ip addr show eth0; echo hello from the guest | nc 10.200.0.1 18080",
+    ]));
+    config["linux"]["namespaces"] = json!([
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+        {"type": "network", "path": netns.path()}
+    ]);
+    let bundle = husk.bundle_with("net", config);
+    let out = husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), "net"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("10.200.0.2/24"), "the guest NIC has the veth's address: {stdout}");
+    let (peer, got) = server.join().unwrap();
+    assert_eq!(got, "hello from the guest\n");
+    assert_eq!(peer.ip().to_string(), "10.200.0.2");
+    // The tap and the veth's filters went with the container.
+    let links =
+        std::process::Command::new("ip").args(["-n", &netns.name, "-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("husk"), "the tap is gone: {links}");
+    let qdiscs = std::process::Command::new("tc")
+        .args(["-n", &netns.name, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"), "filters are gone");
+    husk.assert_nothing_left();
+}

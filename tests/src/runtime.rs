@@ -1,0 +1,226 @@
+//! The `husk` runtime driven as containerd's runc shim and people drive runc: a private
+//! `--root`, bundles whose config.json points at one shared busybox root file system, the
+//! guest kernel and image from the environment, and checks that nothing is left behind.
+//! For the end-to-end suites, inside the nested test host.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::agent_vm::guest_image;
+use crate::guest::{guest_kernel, husk_binary, require_real_kvm, NESTED_CMDLINE};
+use crate::oci::{process, spec};
+use crate::rootfs::busybox_rootfs;
+use crate::tiny_guest::TempDir;
+
+/// A `--root` for husk with bundles next to it.
+pub struct Husk {
+    dir: TempDir,
+    rootfs: TempDir,
+}
+
+impl Default for Husk {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Husk {
+    pub fn new() -> Self {
+        require_real_kvm();
+        // The tests wait for the VM processes they start, as containerd's shim does.
+        // SAFETY: prctl with an integer argument only changes this process's attributes.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        Husk { dir: TempDir::new("e2e-runtime"), rootfs: busybox_rootfs() }
+    }
+
+    /// The state root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// The JSON log every command writes to.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("log.json")
+    }
+
+    /// The log and the guests' consoles, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = std::fs::read_to_string(self.log()).unwrap_or_default();
+        for entry in std::fs::read_dir(self.root()).into_iter().flatten().flatten() {
+            let console = std::fs::read_to_string(entry.path().join("console.log"));
+            out.push_str(&format!("\n--- console of {:?}:\n", entry.file_name()));
+            out.push_str(&console.unwrap_or_default());
+        }
+        out
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The shared busybox root file system.
+    pub fn rootfs(&self) -> &Path {
+        self.rootfs.path()
+    }
+
+    /// `husk --root ROOT --log LOG --log-format json ARGS...`, with the guest assets set.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(husk_binary());
+        cmd.arg("--root")
+            .arg(self.root())
+            .arg("--log")
+            .arg(self.log())
+            .args(["--log-format", "json", "--debug"])
+            .args(args)
+            .env("HUSK_KERNEL", guest_kernel())
+            .env("HUSK_INITRD", guest_image())
+            .env("HUSK_KERNEL_CMDLINE", NESTED_CMDLINE)
+            .env("HUSK_CACHE_DIR", self.dir.path().join("cache"))
+            .env("HUSK_CONFIG", self.dir.path().join("no-config.toml"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Run a husk command to the end.
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("husk runs")
+    }
+
+    /// Run a husk command that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "husk {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run a husk command that must fail; its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert_eq!(out.status.code(), Some(1), "husk {args:?} should fail with 1: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Run a husk command that leaves a process behind holding its stdio (create, run
+    /// --detach, exec --detach: the container's stdio is what the command was given), with
+    /// stdout and stderr in files `<name>.out` and `<name>.err`; it must succeed.
+    pub fn ok_detached(&self, name: &str, args: &[&str]) {
+        let out = self.dir.path().join(format!("{name}.out"));
+        let err = self.dir.path().join(format!("{name}.err"));
+        let status = self
+            .cmd(args)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .status()
+            .expect("husk runs");
+        assert!(
+            status.success(),
+            "husk {args:?} failed ({status}): {}\n{}",
+            std::fs::read_to_string(&err).unwrap_or_default(),
+            self.logs()
+        );
+    }
+
+    /// What a detached command's processes wrote to stdout (see [`Husk::ok_detached`]).
+    pub fn stdout_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.out"))).unwrap_or_default()
+    }
+
+    /// A bundle `name` with `config` as its config.json (root.path set to the shared rootfs).
+    pub fn bundle_with(&self, name: &str, mut config: Value) -> PathBuf {
+        let dir = self.dir.path().join("bundles").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        config["root"]["path"] = self.rootfs.path().to_str().unwrap().into();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        dir
+    }
+
+    /// A bundle running `args`, without a terminal.
+    pub fn bundle(&self, name: &str, args: &[&str]) -> PathBuf {
+        self.bundle_with(name, spec(process(args)))
+    }
+
+    /// `husk state ID` as JSON.
+    pub fn state(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok(&["state", id])).expect("state prints JSON")
+    }
+
+    /// Create container `id` from `bundle`; returns its VM process's pid (from --pid-file).
+    pub fn create(&self, id: &str, bundle: &Path) -> i32 {
+        let pid_file = self.dir.path().join(format!("{id}.pid"));
+        self.ok_detached(
+            id,
+            &[
+                "create",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+                id,
+            ],
+        );
+        std::fs::read_to_string(pid_file).unwrap().trim().parse().expect("a pid in --pid-file")
+    }
+
+    /// Check that nothing of any container is left: no state directories, no husk processes
+    /// using this root, no sockets.
+    pub fn assert_nothing_left(&self) {
+        let root = self.root();
+        let left: Vec<_> = std::fs::read_dir(&root)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "state left under {}: {left:?}", root.display());
+        let needle = root.to_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs = processes_mentioning(&needle);
+            if procs.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "husk processes left: {procs:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Processes (other than zombies) whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+        if cmdline.contains(needle) && !zombie {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// Wait for a child of this (subreaper) process to exit; its exit code, 128 + signal when a
+/// signal killed it.
+pub fn wait_pid(pid: i32, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG on a specific pid writes the status into `status`.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r >= 0, "waitpid({pid}): {}", std::io::Error::last_os_error());
+        if r == pid {
+            let status = std::process::ExitStatus::from_raw(status);
+            return status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not exit within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
