@@ -34,7 +34,11 @@ impl Husk {
         // The tests wait for the VM processes they start, as containerd's shim does.
         // SAFETY: prctl with an integer argument only changes this process's attributes.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        Husk { dir: TempDir::new("e2e-runtime"), rootfs: busybox_rootfs() }
+        let dir = TempDir::new("e2e-runtime");
+        // Twenty guests booting at once on the nested test host's one emulated vCPU take
+        // minutes; the default boot timeout is for one.
+        std::fs::write(dir.path().join("config.toml"), "boot_timeout_secs = 900\n").unwrap();
+        Husk { dir, rootfs: busybox_rootfs() }
     }
 
     /// The state root.
@@ -80,7 +84,7 @@ impl Husk {
             .env("HUSK_INITRD", guest_image())
             .env("HUSK_KERNEL_CMDLINE", NESTED_CMDLINE)
             .env("HUSK_CACHE_DIR", self.dir.path().join("cache"))
-            .env("HUSK_CONFIG", self.dir.path().join("no-config.toml"))
+            .env("HUSK_CONFIG", self.dir.path().join("config.toml"))
             .stdin(Stdio::null());
         cmd
     }

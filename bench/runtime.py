@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Runtime benchmark: `husk run` against `runc run` and `runsc run` (gVisor), side by side in one
+run on the same busybox bundle.
+
+  - run `true`: wall time of `<runtime> run` of a container running `true`, create to exit and
+    delete, interleaved round by round (median, and husk's ratio to each peer);
+  - idle memory: the PSS summed over every host process of one idle container (`sleep`), after
+    it has settled (husk: its VM process, which holds the guest's memory; runc: the container's
+    process; runsc: the sandbox, gofer and their children);
+  - start rate: N containers started with `run --detach`, 10 at a time, then deleted: containers
+    per second, and per host core.
+
+Prints a Markdown report on stdout; raw numbers as JSON with --json FILE.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BUSYBOX = "/bin/busybox"
+
+
+def busybox_bundle(top, name, args, rootfs):
+    """A bundle directory whose config.json runs args on the shared rootfs."""
+    bundle = os.path.join(top, name)
+    os.makedirs(bundle, exist_ok=True)
+    caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL", "CAP_SETGID",
+            "CAP_SETUID", "CAP_NET_BIND_SERVICE"]
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args,
+                    "env": ["PATH=/bin"], "cwd": "/",
+                    "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+                    "noNewPrivileges": True},
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": "bench",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]},
+    }
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
+    return bundle
+
+
+def make_rootfs(top):
+    rootfs = os.path.join(top, "rootfs")
+    for d in ("bin", "dev", "proc", "sys", "tmp", "etc"):
+        os.makedirs(os.path.join(rootfs, d), exist_ok=True)
+    shutil.copy(BUSYBOX, os.path.join(rootfs, "bin/busybox"))
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            os.symlink("busybox", os.path.join(rootfs, "bin", a))
+    return rootfs
+
+
+class Runtime:
+    def __init__(self, name, argv, root):
+        self.name, self.argv, self.root = name, argv, root
+        os.makedirs(root, exist_ok=True)
+
+    def cmd(self, *args):
+        return self.argv + ["--root", self.root] + list(args)
+
+    def run(self, *args, check=True, **kw):
+        p = subprocess.run(self.cmd(*args), stdin=subprocess.DEVNULL, capture_output=True, **kw)
+        if check and p.returncode != 0:
+            sys.exit(f"bench: {self.name} {' '.join(args)} failed ({p.returncode}): "
+                     f"{p.stderr.decode(errors='replace')}")
+        return p
+
+
+def time_run_true(rt, bundle, cid):
+    start = time.monotonic()
+    p = rt.run("run", "--bundle", bundle, cid, check=False)
+    took = time.monotonic() - start
+    if p.returncode != 0:
+        sys.exit(f"bench: {rt.name} run failed ({p.returncode}): {p.stderr.decode(errors='replace')}")
+    rt.run("delete", "--force", cid, check=False)
+    return took
+
+
+def pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid):
+    """pid and every process below it."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def processes_mentioning(needle):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def idle_memory_mib(rt, bundle, cid, settle_s):
+    """PSS of an idle container's host processes."""
+    pid_file = os.path.join(os.path.dirname(bundle), f"{rt.name}-{cid}.pid")
+    p = subprocess.run(rt.cmd("run", "--detach", "--bundle", bundle, "--pid-file", pid_file, cid),
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    if p.returncode != 0:
+        sys.exit(f"bench: {rt.name} run --detach failed: {p.stderr.decode(errors='replace')}")
+    time.sleep(settle_s)
+    pid = int(open(pid_file).read().strip())
+    pids = set(descendants(pid))
+    if rt.name == "runsc":
+        # The sandbox and gofer are not below the container's pid on the host.
+        pids |= {q for p in processes_mentioning(rt.root) for q in descendants(p)}
+    total = sum(pss_kib(p) for p in pids) / 1024
+    rt.run("delete", "--force", cid, check=False)
+    return total, len(pids)
+
+
+def start_rate(rt, bundle, count, parallel):
+    ids = [f"rate-{i}" for i in range(count)]
+
+    def start(cid):
+        p = subprocess.run(rt.cmd("run", "--detach", "--bundle", bundle, cid),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+        if p.returncode != 0:
+            raise RuntimeError(f"{rt.name} run --detach {cid}: {p.stderr.decode(errors='replace')}")
+
+    begin = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(start, ids))
+    took = time.monotonic() - begin
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(lambda cid: rt.run("delete", "--force", cid, check=False), ids))
+    return count / took
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--husk", required=True)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rate-count", type=int, default=20)
+    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--where", required=True)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+
+    for tool in ("runc", "runsc"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} is missing (apt-get install {tool}; .ci/install-deps has it)")
+    top = tempfile.mkdtemp(prefix="husk-bench-runtime-")
+    try:
+        rootfs = make_rootfs(top)
+        true_bundle = busybox_bundle(top, "true", ["true"], rootfs)
+        sleep_bundle = busybox_bundle(top, "sleep", ["sleep", "100000"], rootfs)
+        runtimes = [
+            Runtime("husk", [a.husk], os.path.join(top, "root-husk")),
+            Runtime("runc", ["runc"], os.path.join(top, "root-runc")),
+            Runtime("runsc", ["runsc", "--network=none", "--ignore-cgroups"],
+                    os.path.join(top, "root-runsc")),
+        ]
+        # One warm-up each (husk builds and caches the rootfs image; page cache for all).
+        for rt in runtimes:
+            time_run_true(rt, true_bundle, "warmup")
+        runs = {rt.name: [] for rt in runtimes}
+        for r in range(a.rounds):
+            for rt in runtimes:
+                runs[rt.name].append(time_run_true(rt, true_bundle, f"true-{r}"))
+        memory = {rt.name: idle_memory_mib(rt, sleep_bundle, "idle", a.settle) for rt in runtimes}
+        rates = {rt.name: start_rate(rt, sleep_bundle, a.rate_count, 10) for rt in runtimes}
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+    cores = os.cpu_count() or 1
+    med = {k: statistics.median(v) * 1000 for k, v in runs.items()}
+    print(f"Where: {a.where}. {a.rounds} interleaved rounds of `run` of a busybox container "
+          f"running `true` (create to exit, then delete); one warm-up each first.\n")
+    print("| | husk | runc | runsc | husk / runc | husk / runsc |")
+    print("|---|---|---|---|---|---|")
+    print(f"| `run true`, median (ms) | {med['husk']:.0f} | {med['runc']:.0f} | "
+          f"{med['runsc']:.0f} | {med['husk'] / med['runc']:.2f} | "
+          f"{med['husk'] / med['runsc']:.2f} |")
+    print(f"| idle container, host PSS (MiB) | {memory['husk'][0]:.1f} | "
+          f"{memory['runc'][0]:.1f} | {memory['runsc'][0]:.1f} | "
+          f"{memory['husk'][0] / max(memory['runc'][0], 0.01):.1f} | "
+          f"{memory['husk'][0] / max(memory['runsc'][0], 0.01):.2f} |")
+    print(f"| start rate, 10 at a time (containers/s) | {rates['husk']:.2f} | "
+          f"{rates['runc']:.2f} | {rates['runsc']:.2f} | "
+          f"{rates['husk'] / rates['runc']:.2f} | {rates['husk'] / rates['runsc']:.2f} |")
+    print(f"| start rate per host core ({cores} cores) | {rates['husk'] / cores:.2f} | "
+          f"{rates['runc'] / cores:.2f} | {rates['runsc'] / cores:.2f} | | |")
+    print(f"\nIdle memory counts {memory['husk'][1]} husk, {memory['runc'][1]} runc and "
+          f"{memory['runsc'][1]} runsc host processes, {a.settle:.0f} s after start; "
+          f"start rate: {a.rate_count} containers with `run --detach`.")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"runs_s": runs, "idle_pss_mib": memory, "rate_per_s": rates}, f)
+
+
+if __name__ == "__main__":
+    main()
