@@ -200,6 +200,24 @@ impl Agent for Service {
             .map(|()| pb::Empty::new())
     }
 
+    fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::PauseContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("PauseContainer {}", req.container_id);
+        reply(&what, self.containers.pause(&req.container_id)).map(|()| pb::Empty::new())
+    }
+
+    fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ResumeContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("ResumeContainer {}", req.container_id);
+        reply(&what, self.containers.resume(&req.container_id)).map(|()| pb::Empty::new())
+    }
+
     fn set_hostname(
         &self,
         _: &TtrpcContext,

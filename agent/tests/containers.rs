@@ -551,3 +551,79 @@ fn seccomp_profile_applies_to_the_container_and_its_execs() {
     assert!(msg.contains("SCMP_ACT_NOTIFY"), "{msg}");
     agent.shutdown();
 }
+
+/// The number a container keeps writing to /tmp/n, read through its process's root.
+fn counter(pid: i32) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The shell truncates the file before it writes: retry an empty read.
+        let text = std::fs::read_to_string(format!("/proc/{pid}/root/tmp/n")).unwrap_or_default();
+        if let Ok(n) = text.trim().parse() {
+            return n;
+        }
+        assert!(std::time::Instant::now() < deadline, "no counter in the container");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn pause_freezes_the_container_and_resume_thaws_it() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let count = "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.01; done";
+    let s = spec(process(&["sh", "-c", count]));
+    agent.create("ctr", &s, rootfs.path(), (false, false, false)).unwrap();
+    // Only a running container can be paused.
+    let (code, msg) = status_of(agent.pause("ctr"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    agent.start_container("ctr").unwrap();
+    let sh = agent.pids("ctr")[0];
+    let wait_past = |n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counter(sh) <= n {
+            assert!(std::time::Instant::now() < deadline, "the counter is stuck at {n}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_past(0);
+
+    agent.pause("ctr").unwrap();
+    let events = agent.cgroup_root().join("ctr/cgroup.events");
+    assert!(std::fs::read_to_string(&events).unwrap().contains("frozen 1"));
+    let frozen_at = counter(sh);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(sh), frozen_at, "the counter moved while paused");
+    let (code, msg) = status_of(agent.pause("ctr"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(msg.contains("already paused"), "{msg}");
+    // No exec into a frozen container; listing it still works.
+    let (code, msg) = status_of(agent.exec("ctr", "e", &process(&["true"]), (false, false, false)));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(msg.contains("paused"), "{msg}");
+    assert!(agent.pids("ctr").contains(&sh));
+
+    agent.resume("ctr").unwrap();
+    assert!(std::fs::read_to_string(&events).unwrap().contains("frozen 0"));
+    wait_past(frozen_at);
+    let (code, msg) = status_of(agent.resume("ctr"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(msg.contains("not paused"), "{msg}");
+
+    // A paused container is still running: removal needs force, which works.
+    agent.pause("ctr").unwrap();
+    let (code, _) = status_of(agent.remove("ctr", false));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    agent.remove("ctr", true).unwrap();
+    assert!(!agent.cgroup_root().join("ctr").exists());
+
+    // Signals and waits still reach a paused container.
+    agent.create("sig", &s, rootfs.path(), (false, false, false)).unwrap();
+    agent.start_container("sig").unwrap();
+    agent.pause("sig").unwrap();
+    agent.signal("sig", "", libc::SIGKILL).unwrap();
+    assert_eq!(agent.wait("sig", "").unwrap().exit_status, 137);
+    let (code, msg) = status_of(agent.pause("sig"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    agent.remove("sig", false).unwrap();
+    agent.shutdown();
+}

@@ -1,5 +1,6 @@
 //! Cgroup v2 for containers: one cgroup per container under the agent's root (with the spec's
-//! memory, cpu and pids limits), its OOM kill count, its processes, killing and removing it.
+//! memory, cpu and pids limits), its OOM kill count, its processes, freezing, killing and
+//! removing it.
 
 use std::fs;
 use std::io;
@@ -27,6 +28,8 @@ pub enum CgroupError {
     MissingController { controller: &'static str, path: PathBuf, what: String },
     #[error("invalid resources: {0}")]
     Invalid(String),
+    #[error("{path} did not {action} within {timeout:?}")]
+    FreezeTimeout { path: PathBuf, action: &'static str, timeout: Duration },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
@@ -198,6 +201,32 @@ impl Cgroup {
         for pid in self.pids()? {
             // SAFETY: kill takes a pid and a signal number; no memory is involved.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        Ok(())
+    }
+
+    /// Freeze (or thaw) every process in the cgroup and wait until the kernel says it is done
+    /// (`frozen 1` or `frozen 0` in cgroup.events). A freeze that does not complete within
+    /// `timeout` (a process stuck in the kernel, say) is undone.
+    pub fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<(), CgroupError> {
+        let freeze = self.path.join("cgroup.freeze");
+        fs::write(&freeze, if frozen { "1" } else { "0" }).map_err(io_err(&freeze))?;
+        let events = self.path.join("cgroup.events");
+        let done = if frozen { "frozen 1" } else { "frozen 0" };
+        let deadline = Instant::now() + timeout;
+        while !read(&events)?.lines().any(|l| l.trim() == done) {
+            if Instant::now() >= deadline {
+                if frozen {
+                    let _ = fs::write(&freeze, "0");
+                }
+                let action = if frozen { "freeze" } else { "thaw" };
+                return Err(CgroupError::FreezeTimeout {
+                    path: self.path.clone(),
+                    action,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
     }

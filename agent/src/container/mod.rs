@@ -1,5 +1,5 @@
 //! The containers the agent runs: creating one (its cgroup, then its helper, which sets it up),
-//! starting it, exec, signals, waits, stdio attachment and removal.
+//! starting it, exec, signals, waits, stdio attachment, pausing and removal.
 
 pub mod cgroup;
 mod launch;
@@ -10,7 +10,7 @@ pub mod spec;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use husk_agent_protocol::agent::ProcessInfo;
@@ -20,7 +20,7 @@ use crate::channel::{Channel, ChannelError};
 use crate::error::{Error, Result};
 use crate::init::config::{CreateSetup, FromInit, InitConfig, RootfsMode, RootfsSource, Setup};
 use crate::reaper::{ExitStatus, Reaper, Spawned};
-use crate::sync::lock;
+use crate::sync::{lock, read, write};
 use cgroup::{Cgroup, CgroupRoot};
 use launch::{launch, PidNs};
 use process::{Process, StdioPlan};
@@ -30,6 +30,8 @@ use spec::{Ns, NsPlan};
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long removal waits for a killed container to be gone.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a pause or resume waits for the kernel to freeze or thaw the cgroup.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which stdio streams the host will attach.
 #[derive(Clone, Copy, Debug, Default)]
@@ -72,6 +74,9 @@ struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Exec ids being started.
     starting: Mutex<HashSet<String>>,
+    /// Frozen by PauseContainer. Start and exec hold it for reading while they run, so that a
+    /// pause waits for them rather than freezing a helper half way.
+    paused: RwLock<bool>,
     staging: PathBuf,
 }
 
@@ -188,6 +193,7 @@ impl Containers {
                     starter: Mutex::new(Some(chan)),
                     execs: Mutex::new(HashMap::new()),
                     starting: Mutex::new(HashSet::new()),
+                    paused: RwLock::new(false),
                     staging,
                 })
             }
@@ -201,6 +207,8 @@ impl Containers {
 
     pub fn start(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;
+        // A created container cannot be paused; this keeps a pause out until it runs.
+        let _paused = read(&c.paused);
         let chan = lock(&c.starter).take().ok_or_else(|| {
             Error::FailedPrecondition(format!("container {id:?} was already started"))
         })?;
@@ -228,16 +236,17 @@ impl Containers {
         }
         let process = spec::parse_process(process_json)?;
         let c = self.get(id)?;
-        if lock(&c.starter).is_some() {
-            return Err(Error::FailedPrecondition(format!("container {id:?} is not started")));
+        let paused = read(&c.paused);
+        if *paused {
+            // The helper would freeze as soon as it joined the cgroup.
+            return Err(Error::FailedPrecondition(format!("container {id:?} is paused")));
         }
-        if c.init.exited().is_some() {
-            return Err(Error::FailedPrecondition(format!("container {id:?} is stopped")));
-        }
+        c.check_running()?;
         if lock(&c.execs).contains_key(exec_id) || !lock(&c.starting).insert(exec_id.into()) {
             return Err(Error::AlreadyExists(format!("process {exec_id:?} exists in {id:?}")));
         }
         let result = self.exec_reserved(&c, process, stdio);
+        drop(paused);
         lock(&c.starting).remove(exec_id);
         let p = result?;
         log::info!("exec {exec_id} in {id} (process {})", p.pid);
@@ -341,6 +350,37 @@ impl Containers {
         Ok(())
     }
 
+    /// Freeze every process of a running container.
+    pub fn pause(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        let mut paused = write(&c.paused);
+        if *paused {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is already paused")));
+        }
+        c.check_running()?;
+        c.cgroup
+            .set_frozen(true, FREEZE_TIMEOUT)
+            .map_err(|e| Error::internal(format!("pausing container {id:?}"), &e))?;
+        *paused = true;
+        log::info!("container {id} paused");
+        Ok(())
+    }
+
+    /// Thaw a paused container.
+    pub fn resume(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        let mut paused = write(&c.paused);
+        if !*paused {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is not paused")));
+        }
+        c.cgroup
+            .set_frozen(false, FREEZE_TIMEOUT)
+            .map_err(|e| Error::internal(format!("resuming container {id:?}"), &e))?;
+        *paused = false;
+        log::info!("container {id} resumed");
+        Ok(())
+    }
+
     pub fn remove(&self, id: &str, force: bool) -> Result<()> {
         let c = self.get(id)?;
         let created = lock(&c.starter).is_some();
@@ -369,9 +409,27 @@ impl Containers {
 }
 
 impl Container {
+    /// Started and its own process not exited.
+    fn check_running(&self) -> Result<()> {
+        let id = &self.id;
+        if lock(&self.starter).is_some() {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is not started")));
+        }
+        if self.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is stopped")));
+        }
+        Ok(())
+    }
+
     fn destroy(&self) -> Result<()> {
         // A created container's helper exits when its channel closes.
         drop(lock(&self.starter).take());
+        if *read(&self.paused) {
+            // Thawed first, so that nothing of it is left frozen when it is killed.
+            if let Err(e) = self.cgroup.set_frozen(false, FREEZE_TIMEOUT) {
+                log::warn!("thawing container {}: {e}", self.id);
+            }
+        }
         if self.init.exited().is_none() {
             if let Err(e) = self.cgroup.kill() {
                 log::warn!("killing container {}: {e}", self.id);

@@ -243,6 +243,26 @@ impl Agent {
         self.client.remove_process(ctx(), &req).map(drop)
     }
 
+    pub fn pause(&self, id: &str) -> ttrpc::Result<()> {
+        let mut req = pb::PauseContainerRequest::new();
+        req.container_id = id.into();
+        self.client.pause_container(ctx(), &req).map(drop)
+    }
+
+    pub fn resume(&self, id: &str) -> ttrpc::Result<()> {
+        let mut req = pb::ResumeContainerRequest::new();
+        req.container_id = id.into();
+        self.client.resume_container(ctx(), &req).map(drop)
+    }
+
+    /// The pids of a container's processes (in the agent's pid namespace).
+    pub fn pids(&self, id: &str) -> Vec<i32> {
+        let mut req = pb::ListProcessesRequest::new();
+        req.container_id = id.into();
+        let list = self.client.list_processes(ctx(), &req).unwrap();
+        list.processes.iter().map(|p| p.pid).collect()
+    }
+
     /// Create and start a container running `args` with stdout and stderr, read both to EOF
     /// and wait for it: (stdout, stderr, exit status).
     pub fn run(
