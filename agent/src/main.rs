@@ -17,6 +17,7 @@ mod container;
 mod error;
 mod init;
 mod listen;
+mod net;
 mod pid1;
 mod pidfd;
 mod pump;

@@ -218,6 +218,17 @@ impl Agent for Service {
         reply(&what, self.containers.resume(&req.container_id)).map(|()| pb::Empty::new())
     }
 
+    fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::StatsContainerRequest,
+    ) -> ttrpc::Result<pb::StatsContainerResponse> {
+        let what = format!("StatsContainer {}", req.container_id);
+        let mut stats = reply(&what, self.containers.stats(&req.container_id))?;
+        stats.networks = crate::net::counters();
+        Ok(stats)
+    }
+
     fn set_hostname(
         &self,
         _: &TtrpcContext,

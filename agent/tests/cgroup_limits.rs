@@ -74,3 +74,24 @@ fn the_oom_killer_is_reported() {
     agent.remove("sleeper", false).unwrap();
     agent.shutdown();
 }
+
+#[test]
+#[ignore = "needs the cgroup v2 memory and pids controllers: make test-agent-cgroups"]
+fn stats_report_memory_and_pids() {
+    require_controllers();
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let mut s = spec(process(&["sh", "-c", "sleep 1000 & wait"]));
+    s["linux"]["resources"] = json!({"memory": {"limit": 64 << 20}, "pids": {"limit": 20}});
+    agent.create("stats", &s, rootfs.path(), (false, false, false)).unwrap();
+    agent.start_container("stats").unwrap();
+    let stats = agent.stats("stats").unwrap();
+    let (memory, pids) = (stats.memory.unwrap(), stats.pids.unwrap());
+    assert!(memory.usage_bytes > 0, "{memory:?}");
+    assert_eq!(memory.limit_bytes, 64 << 20);
+    assert_eq!(memory.oom_kills, 0);
+    assert!(pids.current >= 1, "{pids:?}");
+    assert_eq!(pids.limit, 20);
+    agent.remove("stats", true).unwrap();
+    agent.shutdown();
+}

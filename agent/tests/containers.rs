@@ -627,3 +627,37 @@ fn pause_freezes_the_container_and_resume_thaws_it() {
     agent.remove("sig", false).unwrap();
     agent.shutdown();
 }
+
+#[test]
+fn stats_count_cpu_time_and_leave_out_loopback() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let busy = "while true; do i=$((i+1)); done";
+    agent
+        .create("busy", &spec(process(&["sh", "-c", busy])), rootfs.path(), (false, false, false))
+        .unwrap();
+    agent.start_container("busy").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let first = agent.stats("busy").unwrap();
+    assert!(first.cpu.usage_usec > 0, "{first:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = agent.stats("busy").unwrap();
+        if now.cpu.usage_usec > first.cpu.usage_usec {
+            assert!(now.cpu.user_usec + now.cpu.system_usec > 0, "{now:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "cpu usage stuck: {now:?}");
+    }
+    // Memory and pids counters come with their controllers (cgroup_limits checks their values).
+    let cg = agent.cgroup_root().join("busy");
+    assert_eq!(first.memory.is_some(), cg.join("memory.current").exists());
+    assert_eq!(first.pids.is_some(), cg.join("pids.current").exists());
+    // The guest's NICs are this host's here; loopback is never among them.
+    assert!(first.networks.iter().all(|n| n.name != "lo"), "{:?}", first.networks);
+    agent.remove("busy", true).unwrap();
+    let (code, _) = status(agent.stats("busy").unwrap_err());
+    assert_eq!(code, ttrpc::Code::NOT_FOUND);
+    agent.shutdown();
+}

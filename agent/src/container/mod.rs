@@ -6,6 +6,7 @@ mod launch;
 pub mod process;
 mod procs;
 pub mod spec;
+mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use husk_agent_protocol::agent::ProcessInfo;
+use husk_agent_protocol::agent::{ProcessInfo, StatsContainerResponse};
 use husk_agent_protocol::valid_id;
 
 use crate::channel::{Channel, ChannelError};
@@ -329,6 +330,13 @@ impl Containers {
         let c = self.get(id)?;
         let pids = c.cgroup.pids().map_err(|e| Error::internal("listing the container", &e))?;
         Ok(pids.into_iter().filter_map(procs::info).collect())
+    }
+
+    /// The container's cgroup counters.
+    pub fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        let c = self.get(id)?;
+        stats::read(c.cgroup.path())
+            .map_err(|e| Error::internal(format!("reading the counters of {id:?}"), &e))
     }
 
     /// Forget an exec that has exited (its exit status and stdio go with it).

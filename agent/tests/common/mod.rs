@@ -255,6 +255,12 @@ impl Agent {
         self.client.resume_container(ctx(), &req).map(drop)
     }
 
+    pub fn stats(&self, id: &str) -> ttrpc::Result<pb::StatsContainerResponse> {
+        let mut req = pb::StatsContainerRequest::new();
+        req.container_id = id.into();
+        self.client.stats_container(ctx(), &req)
+    }
+
     /// The pids of a container's processes (in the agent's pid namespace).
     pub fn pids(&self, id: &str) -> Vec<i32> {
         let mut req = pb::ListProcessesRequest::new();
