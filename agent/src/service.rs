@@ -229,6 +229,16 @@ impl Agent for Service {
         Ok(stats)
     }
 
+    fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("UpdateContainer {}", req.container_id);
+        let r = self.containers.update(&req.container_id, &req.resources_json);
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
     fn set_hostname(
         &self,
         _: &TtrpcContext,

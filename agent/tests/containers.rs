@@ -661,3 +661,31 @@ fn stats_count_cpu_time_and_leave_out_loopback() {
     assert_eq!(code, ttrpc::Code::NOT_FOUND);
     agent.shutdown();
 }
+
+#[test]
+fn update_checks_its_resources() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    agent
+        .create("upd", &spec(process(&["sleep", "1000"])), rootfs.path(), (false, false, false))
+        .unwrap();
+    agent.start_container("upd").unwrap();
+    let (code, msg) = status_of(agent.update("upd", &json!({"memory": {"limit": "lots"}})));
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("resources are not valid"), "{msg}");
+    // Nothing asked, nothing changed.
+    agent.update("upd", &json!({})).unwrap();
+    // A limit whose controller the cgroup lacks names it (cgroup_limits tests the rest).
+    let r = agent.update("upd", &json!({"pids": {"limit": 10}}));
+    if agent.cgroup_root().join("upd/pids.max").exists() {
+        r.unwrap();
+    } else {
+        let (code, msg) = status_of(r);
+        assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+        assert!(msg.contains("`pids` controller"), "{msg}");
+    }
+    let (code, _) = status_of(agent.update("ghost", &json!({})));
+    assert_eq!(code, ttrpc::Code::NOT_FOUND);
+    agent.remove("upd", true).unwrap();
+    agent.shutdown();
+}

@@ -143,10 +143,7 @@ impl Containers {
         let staging = self.state_dir.join(&req.id);
         let result = (|| {
             if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-                cgroup.apply(r).map_err(|e| match e {
-                    cgroup::CgroupError::Io { .. } => Error::internal("setting cgroup limits", &e),
-                    _ => Error::InvalidArgument(e.to_string()),
-                })?;
+                cgroup.apply(r).map_err(limits_error)?;
             }
             std::fs::create_dir_all(&staging)
                 .map_err(|e| Error::internal(format!("mkdir {}", staging.display()), &e))?;
@@ -339,6 +336,16 @@ impl Containers {
             .map_err(|e| Error::internal(format!("reading the counters of {id:?}"), &e))
     }
 
+    /// Change the container's limits (the OCI spec's linux.resources as JSON).
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let resources = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(resources_json)
+            .map_err(|e| Error::InvalidArgument(format!("the OCI resources are not valid: {e}")))?;
+        let c = self.get(id)?;
+        c.cgroup.apply(&resources).map_err(limits_error)?;
+        log::info!("container {id} updated");
+        Ok(())
+    }
+
     /// Forget an exec that has exited (its exit status and stdio go with it).
     pub fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
         if exec_id.is_empty() {
@@ -519,6 +526,14 @@ fn kill_and_wait(spawned: &Spawned) {
     let _ = crate::pidfd::send_signal(&spawned.pidfd, libc::SIGKILL);
     if spawned.exit.wait_timeout(KILL_TIMEOUT).is_none() {
         log::warn!("process {} did not die", spawned.pid);
+    }
+}
+
+/// A failure to set limits: the guest's if writing failed, else the request's.
+fn limits_error(e: cgroup::CgroupError) -> Error {
+    match e {
+        cgroup::CgroupError::Io { .. } => Error::internal("setting cgroup limits", &e),
+        _ => Error::InvalidArgument(e.to_string()),
     }
 }
 

@@ -261,6 +261,24 @@ impl Agent {
         self.client.stats_container(ctx(), &req)
     }
 
+    pub fn update(&self, id: &str, resources: &Value) -> ttrpc::Result<()> {
+        let mut req = pb::UpdateContainerRequest::new();
+        req.container_id = id.into();
+        req.resources_json = serde_json::to_vec(resources).unwrap();
+        self.client.update_container(ctx(), &req).map(drop)
+    }
+
+    /// Run `script` as an exec in container `id`: (stdout, stderr, exit status).
+    pub fn exec_sh(&self, id: &str, exec: &str, script: &str) -> (String, String, i32) {
+        self.exec(id, exec, &process(&["sh", "-c", script]), (false, true, true)).unwrap();
+        let out = self.stream(id, exec, StreamKind::Stdout);
+        let err = self.stream(id, exec, StreamKind::Stderr);
+        let (out, err) = (read_all(out), read_all(err));
+        let status = self.wait(id, exec).unwrap().exit_status;
+        self.remove_process(id, exec).unwrap();
+        (out, err, status)
+    }
+
     /// The pids of a container's processes (in the agent's pid namespace).
     pub fn pids(&self, id: &str) -> Vec<i32> {
         let mut req = pb::ListProcessesRequest::new();
