@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, env = "HUSK_AGENT_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
     /// Where container roots are staged (empty directories; the mounts are in the containers'
-    /// own mount namespaces).
+    /// own mount namespaces) and host files copied.
     #[arg(long, env = "HUSK_AGENT_STATE_DIR", default_value = "/run/husk-agent")]
     state_dir: PathBuf,
 }

@@ -7,6 +7,7 @@ use husk_agent_protocol::agent::{self as pb, rootfs::Source};
 use husk_agent_protocol::agent_ttrpc::Agent;
 use ttrpc::TtrpcContext;
 
+use crate::container::host_files::HostFile;
 use crate::container::{Containers, CreateRequest, StdioRequest};
 use crate::error::{Error, Result};
 use crate::init::config::{RootfsMode, RootfsSource};
@@ -93,6 +94,11 @@ impl Agent for Service {
                 rootfs,
                 mode,
                 stdio: stdio(&req.stdio),
+                host_files: req
+                    .host_files
+                    .into_iter()
+                    .map(|f| HostFile { source: f.source.into(), content: f.content })
+                    .collect(),
             })
         });
         reply(&what, r).map(|()| pb::Empty::new())

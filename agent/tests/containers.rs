@@ -689,3 +689,44 @@ fn update_checks_its_resources() {
     agent.remove("upd", true).unwrap();
     agent.shutdown();
 }
+
+#[test]
+fn host_files_are_copied_and_other_host_paths_refused() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let mut s = spec(process(&["sh", "-c", "cat /etc/hosts; echo 10.0.0.9 extra >> /etc/hosts"]));
+    let bind = |source: &str, destination: &str| {
+        json!({"destination": destination, "type": "bind", "source": source,
+               "options": ["rbind", "rprivate"]})
+    };
+    s["mounts"].as_array_mut().unwrap().push(bind("/host/hosts", "/etc/hosts"));
+    let mut req = create_request("hosts", &s, rootfs.path(), (false, true, true));
+    let mut file = pb::HostFile::new();
+    file.source = "/host/hosts".into();
+    file.content = b"127.0.0.1 localhost\n10.0.0.2 hosts-test\n".to_vec();
+    req.host_files.push(file);
+    agent.client.create_container(ctx(), &req).unwrap();
+    let (out, err) = (
+        agent.stream("hosts", "", StreamKind::Stdout),
+        agent.stream("hosts", "", StreamKind::Stderr),
+    );
+    agent.start_container("hosts").unwrap();
+    assert_eq!(read_all(out), "127.0.0.1 localhost\n10.0.0.2 hosts-test\n");
+    assert_eq!(read_all(err), "");
+    assert_eq!(agent.wait("hosts", "").unwrap().exit_status, 0);
+    // The copy was the container's to write; it goes with the container.
+    let copy = agent.state_dir().join("hosts/files/0-hosts");
+    assert!(std::fs::read_to_string(&copy).unwrap().ends_with("10.0.0.9 extra\n"));
+    agent.remove("hosts", false).unwrap();
+    assert!(!agent.state_dir().join("hosts").exists());
+
+    // A host path the guest does not have (and was not sent) cannot be bind-mounted.
+    let mut s = spec(process(&["true"]));
+    s["mounts"].as_array_mut().unwrap().push(bind("/host/data", "/data"));
+    let (code, msg) = status_of(agent.create("data", &s, rootfs.path(), (false, false, false)));
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("/host/data"), "{msg}");
+    assert!(msg.contains("need a shared file system, which husk does not have yet"), "{msg}");
+    assert!(!agent.state_dir().join("data").exists());
+    agent.shutdown();
+}

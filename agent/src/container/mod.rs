@@ -2,6 +2,7 @@
 //! starting it, exec, signals, waits, stdio attachment, pausing and removal.
 
 pub mod cgroup;
+pub mod host_files;
 mod launch;
 pub mod process;
 mod procs;
@@ -23,6 +24,7 @@ use crate::init::config::{CreateSetup, FromInit, InitConfig, RootfsMode, RootfsS
 use crate::reaper::{ExitStatus, Reaper, Spawned};
 use crate::sync::{lock, read, write};
 use cgroup::{Cgroup, CgroupRoot};
+use host_files::HostFile;
 use launch::{launch, PidNs};
 use process::{Process, StdioPlan};
 use spec::{Ns, NsPlan};
@@ -48,6 +50,7 @@ pub struct CreateRequest {
     pub rootfs: RootfsSource,
     pub mode: RootfsMode,
     pub stdio: StdioRequest,
+    pub host_files: Vec<HostFile>,
 }
 
 /// The agent's containers and what it needs to make more.
@@ -56,7 +59,8 @@ pub struct Containers {
     /// The agent's own executable (run as `husk-agent init`).
     exe: PathBuf,
     cgroups: CgroupRoot,
-    /// Where each container's helper stages its root (`<state_dir>/<id>`).
+    /// Each container's directory (`<state_dir>/<id>`): where its helper stages its root
+    /// (`staging`) and its host files' copies (`files`).
     state_dir: PathBuf,
     map: Mutex<HashMap<String, Arc<Container>>>,
     /// Ids being created (so two creates of one id cannot race).
@@ -78,7 +82,8 @@ struct Container {
     /// Frozen by PauseContainer. Start and exec hold it for reading while they run, so that a
     /// pause waits for them rather than freezing a helper half way.
     paused: RwLock<bool>,
-    staging: PathBuf,
+    /// Its directory under the state directory.
+    dir: PathBuf,
 }
 
 impl Containers {
@@ -129,9 +134,12 @@ impl Containers {
     }
 
     fn create_reserved(&self, req: CreateRequest) -> Result<Container> {
-        let spec = spec::parse(&req.spec_json)?;
+        let mut spec = spec::parse(&req.spec_json)?;
         let namespaces = spec::namespaces(&spec)?;
         check_rootfs(&req.rootfs)?;
+        let dir = self.state_dir.join(&req.id);
+        let (staging, files) = (dir.join("staging"), dir.join("files"));
+        let copies = host_files::redirect(&mut spec, &req.host_files, &files)?;
         let process =
             spec.process().clone().ok_or_else(|| Error::InvalidArgument("no process".into()))?;
         let terminal = process.terminal().unwrap_or(false);
@@ -140,13 +148,13 @@ impl Containers {
             .cgroups
             .create(&req.id)
             .map_err(|e| Error::internal(format!("creating the cgroup of {}", req.id), &e))?;
-        let staging = self.state_dir.join(&req.id);
         let result = (|| {
             if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
                 cgroup.apply(r).map_err(limits_error)?;
             }
             std::fs::create_dir_all(&staging)
                 .map_err(|e| Error::internal(format!("mkdir {}", staging.display()), &e))?;
+            host_files::write(&files, &copies)?;
             let pid_ns = match namespaces.join.iter().find(|(ns, _)| *ns == Ns::Pid) {
                 Some((_, path)) => PidNs::JoinPath(path),
                 None if namespaces.new.contains(&Ns::Pid) => PidNs::New,
@@ -163,7 +171,7 @@ impl Containers {
                     rootfs: req.rootfs.clone(),
                     mode: req.mode,
                     namespaces: namespaces.clone(),
-                    staging: staging.clone(),
+                    staging,
                 })),
             };
             let oom_before = cgroup.oom_kills();
@@ -192,12 +200,12 @@ impl Containers {
                     execs: Mutex::new(HashMap::new()),
                     starting: Mutex::new(HashSet::new()),
                     paused: RwLock::new(false),
-                    staging,
+                    dir,
                 })
             }
             Err(e) => {
                 remove_cgroup(&cgroup);
-                let _ = std::fs::remove_dir(&staging);
+                remove_dir(&dir);
                 Err(e)
             }
         }
@@ -464,7 +472,7 @@ impl Container {
             .cgroup
             .remove(KILL_TIMEOUT)
             .map_err(|e| Error::internal(format!("removing the cgroup of {}", self.id), &e));
-        let _ = std::fs::remove_dir(&self.staging);
+        remove_dir(&self.dir);
         log::info!("container {} removed", self.id);
         result
     }
@@ -534,6 +542,19 @@ fn limits_error(e: cgroup::CgroupError) -> Error {
     match e {
         cgroup::CgroupError::Io { .. } => Error::internal("setting cgroup limits", &e),
         _ => Error::InvalidArgument(e.to_string()),
+    }
+}
+
+/// Remove a container's directory: the host files' copies and the empty staging directory (its
+/// mounts were in the container's mount namespace). Not remove_dir_all, which would go down
+/// into a mount left there by mistake.
+fn remove_dir(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir.join("files"));
+    let _ = std::fs::remove_dir(dir.join("staging"));
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing {}: {e}", dir.display());
+        }
     }
 }
 

@@ -150,6 +150,11 @@ impl Agent {
         &self.cgroup_root
     }
 
+    /// The agent's state directory (each container's staging and copied host files).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// The stdio streams' socket.
     pub fn stdio_socket(&self) -> PathBuf {
         self.dir.path().join("stdio.sock")
@@ -183,14 +188,7 @@ impl Agent {
         rootfs: &Path,
         stdio: (bool, bool, bool),
     ) -> ttrpc::Result<()> {
-        let mut req = pb::CreateContainerRequest::new();
-        req.container_id = id.into();
-        req.oci_spec_json = serde_json::to_vec(spec).unwrap();
-        let r = req.rootfs.mut_or_insert_default();
-        r.set_directory(rootfs.display().to_string());
-        r.mode = pb::RootfsMode::OVERLAY.into();
-        req.stdio = Some(stdio_msg(stdio)).into();
-        self.client.create_container(ctx(), &req).map(drop)
+        self.client.create_container(ctx(), &create_request(id, spec, rootfs, stdio)).map(drop)
     }
 
     pub fn start_container(&self, id: &str) -> ttrpc::Result<()> {
@@ -341,6 +339,23 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_dir(&self.cgroup_root);
     }
+}
+
+/// A CreateContainer request for `spec` on the directory `rootfs` (overlay).
+pub fn create_request(
+    id: &str,
+    spec: &Value,
+    rootfs: &Path,
+    stdio: (bool, bool, bool),
+) -> pb::CreateContainerRequest {
+    let mut req = pb::CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(spec).unwrap();
+    let r = req.rootfs.mut_or_insert_default();
+    r.set_directory(rootfs.display().to_string());
+    r.mode = pb::RootfsMode::OVERLAY.into();
+    req.stdio = Some(stdio_msg(stdio)).into();
+    req
 }
 
 pub fn ctx() -> ttrpc::context::Context {
