@@ -18,6 +18,7 @@ mod error;
 mod init;
 mod listen;
 mod net;
+mod netlink;
 mod pid1;
 mod pidfd;
 mod pump;

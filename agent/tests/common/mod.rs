@@ -55,10 +55,10 @@ impl Agent {
         Self::start_with(false)
     }
 
-    /// The agent as PID 1, as in the guest: in new pid, mount, UTS and cgroup namespaces
-    /// (`unshare`),
-    /// where it mounts its file systems (the cgroup v2 hierarchy included, at /sys/fs/cgroup)
-    /// and where powering off ends the namespace.
+    /// The agent as PID 1, as in the guest: in new pid, mount, UTS, cgroup and network
+    /// namespaces (`unshare`), where it mounts its file systems (the cgroup v2 hierarchy
+    /// included, at /sys/fs/cgroup; sysfs shows the namespace's own NICs), configures the
+    /// network and where powering off ends the namespace.
     pub fn start_as_pid1() -> Self {
         Self::start_with(true)
     }
@@ -89,7 +89,7 @@ impl Agent {
             std::env::var("HUSK_AGENT_BIN").unwrap_or(env!("CARGO_BIN_EXE_husk-agent").into());
         let mut cmd = if pid1 {
             let mut c = Command::new("unshare");
-            let namespaces = ["--pid", "--fork", "--mount", "--uts", "--cgroup"];
+            let namespaces = ["--pid", "--fork", "--mount", "--uts", "--cgroup", "--net"];
             c.args(namespaces).args(["--propagation", "private", "--"]);
             c.arg(bin);
             c
@@ -322,6 +322,18 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if self.pid1 {
+                // Killing unshare would leave the agent running: kill the agent, and with it
+                // its pid namespace.
+                let id = child.id();
+                let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"));
+                for pid in children.unwrap_or_default().split_whitespace() {
+                    if let Ok(pid) = pid.parse() {
+                        // SAFETY: kill takes a pid and a signal; no memory is involved.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
