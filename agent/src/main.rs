@@ -13,6 +13,7 @@
 //! the kernel started /init).
 
 mod channel;
+mod clock;
 mod container;
 mod error;
 mod init;

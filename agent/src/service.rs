@@ -295,6 +295,11 @@ impl Agent for Service {
         reply("UpdateRoutes", r).map(|()| pb::Empty::new())
     }
 
+    fn set_time(&self, _: &TtrpcContext, req: pb::SetTimeRequest) -> ttrpc::Result<pb::Empty> {
+        let r = crate::clock::set_if_off(req.seconds, req.nanos, self.guest);
+        reply("SetTime", r).map(|_| pb::Empty::new())
+    }
+
     fn shutdown(&self, _: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {
         log::info!("shutdown requested");
         let containers = self.containers.clone();

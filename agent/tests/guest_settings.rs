@@ -1,10 +1,13 @@
-//! The guest-wide settings the agent makes as PID 1: its NICs and routes. The agent runs in
-//! namespaces of its own (`Agent::start_as_pid1`); the test gives its network namespace a veth
-//! pair to configure, so this host's own network is never touched.
+//! The guest-wide settings the agent makes as PID 1: its NICs, routes and clock. The agent runs
+//! in namespaces of its own (`Agent::start_as_pid1`); the test gives its network namespace a
+//! veth pair to configure, so this host's own network is never touched. The clock has no
+//! namespace, so SetTime only goes to an agent that is not PID 1, which never sets the clock:
+//! one that is right is left alone there, one that is off is refused.
 
 mod common;
 
 use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 use husk_agent_protocol::agent as pb;
@@ -134,14 +137,30 @@ fn nic_addresses_and_routes_in_the_guests_namespace() {
     agent.remove("s", false).unwrap();
 }
 
+fn set_time(agent: &Agent, offset_s: i64) -> ttrpc::Result<pb::Empty> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let req = pb::SetTimeRequest {
+        seconds: now.as_secs() as i64 + offset_s,
+        nanos: now.subsec_nanos(),
+        ..Default::default()
+    };
+    agent.client.set_time(ctx(), &req)
+}
+
 #[test]
 fn an_agent_that_is_not_pid_1_leaves_the_hosts_settings_alone() {
     let agent = Agent::start();
+    // Nothing to change: fine anywhere.
+    set_time(&agent, 0).unwrap();
+    let req = pb::SetTimeRequest { seconds: 1, nanos: 1_000_000_000, ..Default::default() };
+    let (code, _) = status(agent.client.set_time(ctx(), &req).unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
     let refused = |r: ttrpc::Result<pb::Empty>| {
         let (code, msg) = status(r.unwrap_err());
         assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
         assert!(msg.contains("not the guest's PID 1"), "{msg}");
     };
+    refused(set_time(&agent, -3600));
     refused(update_interface(&agent, interface(MAC, "eth0", 1400, &[])));
     refused(update_routes(&agent, vec![route("", "10.1.0.1", "eth0")]));
     agent.shutdown();
