@@ -13,10 +13,13 @@
 //! the kernel started /init).
 
 mod channel;
+mod clock;
 mod container;
 mod error;
 mod init;
 mod listen;
+mod net;
+mod netlink;
 mod pid1;
 mod pidfd;
 mod pump;
@@ -50,7 +53,7 @@ struct Args {
     #[arg(long, env = "HUSK_AGENT_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
     /// Where container roots are staged (empty directories; the mounts are in the containers'
-    /// own mount namespaces).
+    /// own mount namespaces) and host files copied.
     #[arg(long, env = "HUSK_AGENT_STATE_DIR", default_value = "/run/husk-agent")]
     state_dir: PathBuf,
 }

@@ -7,6 +7,7 @@ use husk_agent_protocol::agent::{self as pb, rootfs::Source};
 use husk_agent_protocol::agent_ttrpc::Agent;
 use ttrpc::TtrpcContext;
 
+use crate::container::host_files::HostFile;
 use crate::container::{Containers, CreateRequest, StdioRequest};
 use crate::error::{Error, Result};
 use crate::init::config::{RootfsMode, RootfsSource};
@@ -18,13 +19,24 @@ pub type ShutdownFn = Box<dyn Fn() + Send + Sync>;
 pub struct Service {
     containers: Arc<Containers>,
     shutdown: Arc<ShutdownFn>,
-    /// SetHostname changes the hostname of the agent's UTS namespace: the guest's.
-    can_set_hostname: bool,
+    /// The agent is the guest's PID 1, so the hostname, network and clock of its namespaces
+    /// are the guest's to change. Anywhere else (tests on a host) they would be the host's.
+    guest: bool,
 }
 
 impl Service {
-    pub fn new(containers: Arc<Containers>, shutdown: ShutdownFn, can_set_hostname: bool) -> Self {
-        Self { containers, shutdown: Arc::new(shutdown), can_set_hostname }
+    pub fn new(containers: Arc<Containers>, shutdown: ShutdownFn, guest: bool) -> Self {
+        Self { containers, shutdown: Arc::new(shutdown), guest }
+    }
+
+    /// Refuse a change to guest-wide settings unless the agent is the guest's PID 1.
+    fn guest_only(&self, what: &str) -> Result<()> {
+        if self.guest {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "{what}: this agent is not the guest's PID 1 (it would change its host's settings)"
+        )))
     }
 }
 
@@ -93,6 +105,11 @@ impl Agent for Service {
                 rootfs,
                 mode,
                 stdio: stdio(&req.stdio),
+                host_files: req
+                    .host_files
+                    .into_iter()
+                    .map(|f| HostFile { source: f.source.into(), content: f.content })
+                    .collect(),
             })
         });
         reply(&what, r).map(|()| pb::Empty::new())
@@ -200,16 +217,52 @@ impl Agent for Service {
             .map(|()| pb::Empty::new())
     }
 
+    fn pause_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::PauseContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("PauseContainer {}", req.container_id);
+        reply(&what, self.containers.pause(&req.container_id)).map(|()| pb::Empty::new())
+    }
+
+    fn resume_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ResumeContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("ResumeContainer {}", req.container_id);
+        reply(&what, self.containers.resume(&req.container_id)).map(|()| pb::Empty::new())
+    }
+
+    fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::StatsContainerRequest,
+    ) -> ttrpc::Result<pb::StatsContainerResponse> {
+        let what = format!("StatsContainer {}", req.container_id);
+        let mut stats = reply(&what, self.containers.stats(&req.container_id))?;
+        stats.networks = crate::net::counters();
+        Ok(stats)
+    }
+
+    fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let what = format!("UpdateContainer {}", req.container_id);
+        let r = self.containers.update(&req.container_id, &req.resources_json);
+        reply(&what, r).map(|()| pb::Empty::new())
+    }
+
     fn set_hostname(
         &self,
         _: &TtrpcContext,
         req: pb::SetHostnameRequest,
     ) -> ttrpc::Result<pb::Empty> {
-        let r = if !self.can_set_hostname {
-            Err(Error::FailedPrecondition(
-                "SetHostname: this agent is not the guest's PID 1 (it would rename its host)"
-                    .into(),
-            ))
+        let r = if let Err(e) = self.guest_only("SetHostname") {
+            Err(e)
         } else if req.hostname.is_empty() || req.hostname.len() > 64 || req.hostname.contains('\0')
         {
             Err(Error::InvalidArgument(format!("invalid hostname {:?}", req.hostname)))
@@ -218,6 +271,33 @@ impl Agent for Service {
                 .map_err(|e| Error::internal(format!("sethostname {}", req.hostname), &e))
         };
         reply("SetHostname", r).map(|()| pb::Empty::new())
+    }
+
+    fn update_interface(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let r = self.guest_only("UpdateInterface").and_then(|()| match req.interface.as_ref() {
+            Some(iface) => crate::net::update_interface(iface),
+            None => Err(Error::InvalidArgument("no interface".into())),
+        });
+        reply("UpdateInterface", r).map(|()| pb::Empty::new())
+    }
+
+    fn update_routes(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UpdateRoutesRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let r =
+            self.guest_only("UpdateRoutes").and_then(|()| crate::net::update_routes(&req.routes));
+        reply("UpdateRoutes", r).map(|()| pb::Empty::new())
+    }
+
+    fn set_time(&self, _: &TtrpcContext, req: pb::SetTimeRequest) -> ttrpc::Result<pb::Empty> {
+        let r = crate::clock::set_if_off(req.seconds, req.nanos, self.guest);
+        reply("SetTime", r).map(|_| pb::Empty::new())
     }
 
     fn shutdown(&self, _: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {

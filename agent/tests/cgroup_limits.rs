@@ -74,3 +74,72 @@ fn the_oom_killer_is_reported() {
     agent.remove("sleeper", false).unwrap();
     agent.shutdown();
 }
+
+#[test]
+#[ignore = "needs the cgroup v2 memory and pids controllers: make test-agent-cgroups"]
+fn stats_report_memory_and_pids() {
+    require_controllers();
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let mut s = spec(process(&["sh", "-c", "sleep 1000 & wait"]));
+    s["linux"]["resources"] = json!({"memory": {"limit": 64 << 20}, "pids": {"limit": 20}});
+    agent.create("stats", &s, rootfs.path(), (false, false, false)).unwrap();
+    agent.start_container("stats").unwrap();
+    let stats = agent.stats("stats").unwrap();
+    let (memory, pids) = (stats.memory.unwrap(), stats.pids.unwrap());
+    assert!(memory.usage_bytes > 0, "{memory:?}");
+    assert_eq!(memory.limit_bytes, 64 << 20);
+    assert_eq!(memory.oom_kills, 0);
+    assert!(pids.current >= 1, "{pids:?}");
+    assert_eq!(pids.limit, 20);
+    agent.remove("stats", true).unwrap();
+    agent.shutdown();
+}
+
+#[test]
+#[ignore = "needs the cgroup v2 memory, pids and cpu controllers: make test-agent-cgroups"]
+fn update_changes_the_limits_of_a_running_container() {
+    require_controllers();
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let mut s = spec(process(&["sleep", "1000"]));
+    s["linux"]["resources"] = json!({"memory": {"limit": 64 << 20}, "pids": {"limit": 20}});
+    agent.create("upd", &s, rootfs.path(), (false, false, false)).unwrap();
+    agent.start_container("upd").unwrap();
+    let fork = "sleep 0 & wait; echo end";
+    let (out, err, _) = agent.exec_sh("upd", "f1", fork);
+    assert_eq!((out.as_str(), err.as_str()), ("end\n", ""));
+
+    // Two processes: sleep and the exec's shell (joining a cgroup is not a fork), which can
+    // then fork no more.
+    agent.update("upd", &json!({"pids": {"limit": 2}})).unwrap();
+    let (out, err, _) = agent.exec_sh("upd", "f2", fork);
+    assert!(err.contains("fork"), "the fork was not refused: {out:?} {err:?}");
+
+    // Memory (the swap with the limit the cgroup has), then cpu: each part alone keeps the
+    // others, and a period alone keeps the quota.
+    agent.update("upd", &json!({"pids": {"limit": 20}})).unwrap();
+    agent.update("upd", &json!({"memory": {"limit": 32 << 20, "reservation": 16 << 20}})).unwrap();
+    agent.update("upd", &json!({"cpu": {"quota": 20000}})).unwrap();
+    agent.update("upd", &json!({"cpu": {"period": 50000}})).unwrap();
+    let has_swap = agent.cgroup_root().join("upd/memory.swap.max").exists();
+    if has_swap {
+        agent.update("upd", &json!({"memory": {"swap": 48 << 20}})).unwrap();
+    }
+    let read = "cd /sys/fs/cgroup; cat memory.max memory.low cpu.max pids.max; \
+                cat memory.swap.max 2>/dev/null || true";
+    let (out, err, exit) = agent.exec_sh("upd", "r", read);
+    assert_eq!(exit, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..4], ["33554432", "16777216", "20000 50000", "20"], "{out}");
+    if has_swap {
+        assert_eq!(lines[4], "16777216", "{out}");
+    }
+    // Swap needs a limit to go with.
+    agent.update("upd", &json!({"memory": {"limit": -1}})).unwrap();
+    let (code, msg) =
+        status(agent.update("upd", &json!({"memory": {"swap": 1 << 30}})).unwrap_err());
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    agent.remove("upd", true).unwrap();
+    agent.shutdown();
+}

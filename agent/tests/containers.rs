@@ -551,3 +551,182 @@ fn seccomp_profile_applies_to_the_container_and_its_execs() {
     assert!(msg.contains("SCMP_ACT_NOTIFY"), "{msg}");
     agent.shutdown();
 }
+
+/// The number a container keeps writing to /tmp/n, read through its process's root.
+fn counter(pid: i32) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The shell truncates the file before it writes: retry an empty read.
+        let text = std::fs::read_to_string(format!("/proc/{pid}/root/tmp/n")).unwrap_or_default();
+        if let Ok(n) = text.trim().parse() {
+            return n;
+        }
+        assert!(std::time::Instant::now() < deadline, "no counter in the container");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn pause_freezes_the_container_and_resume_thaws_it() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let count = "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.01; done";
+    let s = spec(process(&["sh", "-c", count]));
+    agent.create("ctr", &s, rootfs.path(), (false, false, false)).unwrap();
+    // Only a running container can be paused.
+    let (code, msg) = status_of(agent.pause("ctr"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    agent.start_container("ctr").unwrap();
+    let sh = agent.pids("ctr")[0];
+    let wait_past = |n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counter(sh) <= n {
+            assert!(std::time::Instant::now() < deadline, "the counter is stuck at {n}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_past(0);
+
+    agent.pause("ctr").unwrap();
+    let events = agent.cgroup_root().join("ctr/cgroup.events");
+    assert!(std::fs::read_to_string(&events).unwrap().contains("frozen 1"));
+    let frozen_at = counter(sh);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(sh), frozen_at, "the counter moved while paused");
+    let (code, msg) = status_of(agent.pause("ctr"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(msg.contains("already paused"), "{msg}");
+    // No exec into a frozen container; listing it still works.
+    let (code, msg) = status_of(agent.exec("ctr", "e", &process(&["true"]), (false, false, false)));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(msg.contains("paused"), "{msg}");
+    assert!(agent.pids("ctr").contains(&sh));
+
+    agent.resume("ctr").unwrap();
+    assert!(std::fs::read_to_string(&events).unwrap().contains("frozen 0"));
+    wait_past(frozen_at);
+    let (code, msg) = status_of(agent.resume("ctr"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    assert!(msg.contains("not paused"), "{msg}");
+
+    // A paused container is still running: removal needs force, which works.
+    agent.pause("ctr").unwrap();
+    let (code, _) = status_of(agent.remove("ctr", false));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION);
+    agent.remove("ctr", true).unwrap();
+    assert!(!agent.cgroup_root().join("ctr").exists());
+
+    // Signals and waits still reach a paused container.
+    agent.create("sig", &s, rootfs.path(), (false, false, false)).unwrap();
+    agent.start_container("sig").unwrap();
+    agent.pause("sig").unwrap();
+    agent.signal("sig", "", libc::SIGKILL).unwrap();
+    assert_eq!(agent.wait("sig", "").unwrap().exit_status, 137);
+    let (code, msg) = status_of(agent.pause("sig"));
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    agent.remove("sig", false).unwrap();
+    agent.shutdown();
+}
+
+#[test]
+fn stats_count_cpu_time_and_leave_out_loopback() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let busy = "while true; do i=$((i+1)); done";
+    agent
+        .create("busy", &spec(process(&["sh", "-c", busy])), rootfs.path(), (false, false, false))
+        .unwrap();
+    agent.start_container("busy").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let first = agent.stats("busy").unwrap();
+    assert!(first.cpu.usage_usec > 0, "{first:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = agent.stats("busy").unwrap();
+        if now.cpu.usage_usec > first.cpu.usage_usec {
+            assert!(now.cpu.user_usec + now.cpu.system_usec > 0, "{now:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "cpu usage stuck: {now:?}");
+    }
+    // Memory and pids counters come with their controllers (cgroup_limits checks their values).
+    let cg = agent.cgroup_root().join("busy");
+    assert_eq!(first.memory.is_some(), cg.join("memory.current").exists());
+    assert_eq!(first.pids.is_some(), cg.join("pids.current").exists());
+    // The guest's NICs are this host's here; loopback is never among them.
+    assert!(first.networks.iter().all(|n| n.name != "lo"), "{:?}", first.networks);
+    agent.remove("busy", true).unwrap();
+    let (code, _) = status(agent.stats("busy").unwrap_err());
+    assert_eq!(code, ttrpc::Code::NOT_FOUND);
+    agent.shutdown();
+}
+
+#[test]
+fn update_checks_its_resources() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    agent
+        .create("upd", &spec(process(&["sleep", "1000"])), rootfs.path(), (false, false, false))
+        .unwrap();
+    agent.start_container("upd").unwrap();
+    let (code, msg) = status_of(agent.update("upd", &json!({"memory": {"limit": "lots"}})));
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("resources are not valid"), "{msg}");
+    // Nothing asked, nothing changed.
+    agent.update("upd", &json!({})).unwrap();
+    // A limit whose controller the cgroup lacks names it (cgroup_limits tests the rest).
+    let r = agent.update("upd", &json!({"pids": {"limit": 10}}));
+    if agent.cgroup_root().join("upd/pids.max").exists() {
+        r.unwrap();
+    } else {
+        let (code, msg) = status_of(r);
+        assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+        assert!(msg.contains("`pids` controller"), "{msg}");
+    }
+    let (code, _) = status_of(agent.update("ghost", &json!({})));
+    assert_eq!(code, ttrpc::Code::NOT_FOUND);
+    agent.remove("upd", true).unwrap();
+    agent.shutdown();
+}
+
+#[test]
+fn host_files_are_copied_and_other_host_paths_refused() {
+    let agent = Agent::start();
+    let rootfs = busybox_rootfs();
+    let mut s = spec(process(&["sh", "-c", "cat /etc/hosts; echo 10.0.0.9 extra >> /etc/hosts"]));
+    let bind = |source: &str, destination: &str| {
+        json!({"destination": destination, "type": "bind", "source": source,
+               "options": ["rbind", "rprivate"]})
+    };
+    s["mounts"].as_array_mut().unwrap().push(bind("/host/hosts", "/etc/hosts"));
+    let mut req = create_request("hosts", &s, rootfs.path(), (false, true, true));
+    let mut file = pb::HostFile::new();
+    file.source = "/host/hosts".into();
+    file.content = b"127.0.0.1 localhost\n10.0.0.2 hosts-test\n".to_vec();
+    req.host_files.push(file);
+    agent.client.create_container(ctx(), &req).unwrap();
+    let (out, err) = (
+        agent.stream("hosts", "", StreamKind::Stdout),
+        agent.stream("hosts", "", StreamKind::Stderr),
+    );
+    agent.start_container("hosts").unwrap();
+    assert_eq!(read_all(out), "127.0.0.1 localhost\n10.0.0.2 hosts-test\n");
+    assert_eq!(read_all(err), "");
+    assert_eq!(agent.wait("hosts", "").unwrap().exit_status, 0);
+    // The copy was the container's to write; it goes with the container.
+    let copy = agent.state_dir().join("hosts/files/0-hosts");
+    assert!(std::fs::read_to_string(&copy).unwrap().ends_with("10.0.0.9 extra\n"));
+    agent.remove("hosts", false).unwrap();
+    assert!(!agent.state_dir().join("hosts").exists());
+
+    // A host path the guest does not have (and was not sent) cannot be bind-mounted.
+    let mut s = spec(process(&["true"]));
+    s["mounts"].as_array_mut().unwrap().push(bind("/host/data", "/data"));
+    let (code, msg) = status_of(agent.create("data", &s, rootfs.path(), (false, false, false)));
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+    assert!(msg.contains("/host/data"), "{msg}");
+    assert!(msg.contains("need a shared file system, which husk does not have yet"), "{msg}");
+    assert!(!agent.state_dir().join("data").exists());
+    agent.shutdown();
+}

@@ -1,6 +1,7 @@
-//! The agent as PID 1, as the guest runs it, in new pid, mount, UTS and cgroup namespaces on
-//! this host: it mounts its file systems, reaps orphans, sets the guest's hostname, and powers
-//! off on Shutdown (in a pid namespace, reboot(2) ends the namespace; in the guest, the VM).
+//! The agent as PID 1, as the guest runs it, in new pid, mount, UTS, cgroup and network
+//! namespaces on this host: it mounts its file systems, reaps orphans, sets the guest's
+//! hostname, and powers off on Shutdown (in a pid namespace, reboot(2) ends the namespace; in
+//! the guest, the VM).
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Cgroup v2 for containers: one cgroup per container under the agent's root (with the spec's
-//! memory, cpu and pids limits), its OOM kill count, its processes, killing and removing it.
+//! memory, cpu and pids limits), its OOM kill count, its processes, freezing, killing and
+//! removing it.
 
 use std::fs;
 use std::io;
@@ -27,6 +28,8 @@ pub enum CgroupError {
     MissingController { controller: &'static str, path: PathBuf, what: String },
     #[error("invalid resources: {0}")]
     Invalid(String),
+    #[error("{path} did not {action} within {timeout:?}")]
+    FreezeTimeout { path: PathBuf, action: &'static str, timeout: Duration },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
@@ -83,27 +86,31 @@ impl Cgroup {
         &self.path
     }
 
-    /// Apply the spec's memory, cpu and pids limits (and its `unified` entries). Other
-    /// resources (devices, block I/O, hugepages, network, rdma) are not limited inside the
-    /// guest: the VM's own size bounds them.
+    /// Apply the spec's memory, cpu and pids limits (and its `unified` entries), at create or
+    /// as an update: what `r` leaves out (or gives as 0, as runc reads it) keeps its value.
+    /// Other resources (devices, block I/O, hugepages, network, rdma, cpusets) are not limited
+    /// inside the guest: the VM's own size bounds them.
     pub fn apply(&self, r: &LinuxResources) -> Result<(), CgroupError> {
         if let Some(mem) = r.memory() {
-            let limit = mem.limit();
+            let limit = mem.limit().filter(|&l| l != 0);
             if let Some(limit) = limit {
                 self.set("memory", "memory.max", &max_or(limit), "a memory limit")?;
             }
-            if let Some(low) = mem.reservation() {
+            if let Some(low) = mem.reservation().filter(|&l| l != 0) {
                 self.set("memory", "memory.low", &max_or(low), "a memory reservation")?;
             }
-            if let Some(swap) = mem.swap() {
-                // The spec's swap is memory + swap (cgroup v1); v2 limits swap alone.
+            if let Some(swap) = mem.swap().filter(|&s| s != 0) {
+                // The spec's swap is memory + swap (cgroup v1); v2 limits swap alone. The
+                // memory limit is this request's, else (an update) the one the cgroup has.
+                let limit = limit.or_else(|| self.limit("memory.max"));
                 let value = match (swap, limit) {
                     (-1, _) => "max".to_string(),
                     (s, Some(l)) if l > 0 && s >= l => (s - l).to_string(),
                     (s, l) => {
+                        let l = l.filter(|&l| l > 0).map_or("none".into(), |l| l.to_string());
                         return Err(CgroupError::Invalid(format!(
-                            "memory.swap {s} needs a memory.limit at most as large (limit {l:?})"
-                        )))
+                            "memory.swap {s} needs a memory.limit at most as large (limit: {l})"
+                        )));
                     }
                 };
                 if self.has_no_swap() {
@@ -123,15 +130,24 @@ impl Cgroup {
                 let weight = 1 + ((shares - 2) * 9999) / 262_142;
                 self.set("cpu", "cpu.weight", &weight.to_string(), "cpu shares")?;
             }
-            let period = cpu.period().unwrap_or(100_000);
-            match cpu.quota() {
-                Some(q) if q > 0 => {
-                    self.set("cpu", "cpu.max", &format!("{q} {period}"), "a cpu quota")?
+            // cpu.max is "QUOTA PERIOD"; written alone, the quota keeps the period.
+            let quota = match cpu.quota() {
+                Some(q) if q > 0 => Some(q.to_string()),
+                Some(q) if q < 0 => Some("max".to_string()),
+                _ => None,
+            };
+            match (quota, cpu.period().filter(|&p| p > 0)) {
+                (Some(q), Some(p)) => {
+                    self.set("cpu", "cpu.max", &format!("{q} {p}"), "a cpu quota")?
                 }
-                _ if cpu.period().is_some() => {
-                    self.set("cpu", "cpu.max", &format!("max {period}"), "a cpu period")?
+                (Some(q), None) => self.set("cpu", "cpu.max", &q, "a cpu quota")?,
+                (None, Some(p)) => {
+                    let file = self.path.join("cpu.max");
+                    let current = fs::read_to_string(&file).unwrap_or_default();
+                    let q = current.split_whitespace().next().unwrap_or("max");
+                    self.set("cpu", "cpu.max", &format!("{q} {p}"), "a cpu period")?
                 }
-                _ => {}
+                (None, None) => {}
             }
         }
         if let Some(pids) = r.pids().filter(|p| p.limit() != 0) {
@@ -150,6 +166,14 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+
+    /// A limit file's value, `max` as -1; None when it cannot be read.
+    fn limit(&self, file: &str) -> Option<i64> {
+        match fs::read_to_string(self.path.join(file)).ok()?.trim() {
+            "max" => Some(-1),
+            n => n.parse().ok(),
+        }
     }
 
     /// The memory controller is on for this cgroup but the kernel has no swap to account.
@@ -198,6 +222,32 @@ impl Cgroup {
         for pid in self.pids()? {
             // SAFETY: kill takes a pid and a signal number; no memory is involved.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        Ok(())
+    }
+
+    /// Freeze (or thaw) every process in the cgroup and wait until the kernel says it is done
+    /// (`frozen 1` or `frozen 0` in cgroup.events). A freeze that does not complete within
+    /// `timeout` (a process stuck in the kernel, say) is undone.
+    pub fn set_frozen(&self, frozen: bool, timeout: Duration) -> Result<(), CgroupError> {
+        let freeze = self.path.join("cgroup.freeze");
+        fs::write(&freeze, if frozen { "1" } else { "0" }).map_err(io_err(&freeze))?;
+        let events = self.path.join("cgroup.events");
+        let done = if frozen { "frozen 1" } else { "frozen 0" };
+        let deadline = Instant::now() + timeout;
+        while !read(&events)?.lines().any(|l| l.trim() == done) {
+            if Instant::now() >= deadline {
+                if frozen {
+                    let _ = fs::write(&freeze, "0");
+                }
+                let action = if frozen { "freeze" } else { "thaw" };
+                return Err(CgroupError::FreezeTimeout {
+                    path: self.path.clone(),
+                    action,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
     }

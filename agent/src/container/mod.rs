@@ -1,27 +1,30 @@
 //! The containers the agent runs: creating one (its cgroup, then its helper, which sets it up),
-//! starting it, exec, signals, waits, stdio attachment and removal.
+//! starting it, exec, signals, waits, stdio attachment, pausing and removal.
 
 pub mod cgroup;
+pub mod host_files;
 mod launch;
 pub mod process;
 mod procs;
 pub mod spec;
+mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use husk_agent_protocol::agent::ProcessInfo;
+use husk_agent_protocol::agent::{ProcessInfo, StatsContainerResponse};
 use husk_agent_protocol::valid_id;
 
 use crate::channel::{Channel, ChannelError};
 use crate::error::{Error, Result};
 use crate::init::config::{CreateSetup, FromInit, InitConfig, RootfsMode, RootfsSource, Setup};
 use crate::reaper::{ExitStatus, Reaper, Spawned};
-use crate::sync::lock;
+use crate::sync::{lock, read, write};
 use cgroup::{Cgroup, CgroupRoot};
+use host_files::HostFile;
 use launch::{launch, PidNs};
 use process::{Process, StdioPlan};
 use spec::{Ns, NsPlan};
@@ -30,6 +33,8 @@ use spec::{Ns, NsPlan};
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long removal waits for a killed container to be gone.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a pause or resume waits for the kernel to freeze or thaw the cgroup.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which stdio streams the host will attach.
 #[derive(Clone, Copy, Debug, Default)]
@@ -45,6 +50,7 @@ pub struct CreateRequest {
     pub rootfs: RootfsSource,
     pub mode: RootfsMode,
     pub stdio: StdioRequest,
+    pub host_files: Vec<HostFile>,
 }
 
 /// The agent's containers and what it needs to make more.
@@ -53,7 +59,8 @@ pub struct Containers {
     /// The agent's own executable (run as `husk-agent init`).
     exe: PathBuf,
     cgroups: CgroupRoot,
-    /// Where each container's helper stages its root (`<state_dir>/<id>`).
+    /// Each container's directory (`<state_dir>/<id>`): where its helper stages its root
+    /// (`staging`) and its host files' copies (`files`).
     state_dir: PathBuf,
     map: Mutex<HashMap<String, Arc<Container>>>,
     /// Ids being created (so two creates of one id cannot race).
@@ -72,7 +79,11 @@ struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Exec ids being started.
     starting: Mutex<HashSet<String>>,
-    staging: PathBuf,
+    /// Frozen by PauseContainer. Start and exec hold it for reading while they run, so that a
+    /// pause waits for them rather than freezing a helper half way.
+    paused: RwLock<bool>,
+    /// Its directory under the state directory.
+    dir: PathBuf,
 }
 
 impl Containers {
@@ -123,9 +134,12 @@ impl Containers {
     }
 
     fn create_reserved(&self, req: CreateRequest) -> Result<Container> {
-        let spec = spec::parse(&req.spec_json)?;
+        let mut spec = spec::parse(&req.spec_json)?;
         let namespaces = spec::namespaces(&spec)?;
         check_rootfs(&req.rootfs)?;
+        let dir = self.state_dir.join(&req.id);
+        let (staging, files) = (dir.join("staging"), dir.join("files"));
+        let copies = host_files::redirect(&mut spec, &req.host_files, &files)?;
         let process =
             spec.process().clone().ok_or_else(|| Error::InvalidArgument("no process".into()))?;
         let terminal = process.terminal().unwrap_or(false);
@@ -134,16 +148,13 @@ impl Containers {
             .cgroups
             .create(&req.id)
             .map_err(|e| Error::internal(format!("creating the cgroup of {}", req.id), &e))?;
-        let staging = self.state_dir.join(&req.id);
         let result = (|| {
             if let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
-                cgroup.apply(r).map_err(|e| match e {
-                    cgroup::CgroupError::Io { .. } => Error::internal("setting cgroup limits", &e),
-                    _ => Error::InvalidArgument(e.to_string()),
-                })?;
+                cgroup.apply(r).map_err(limits_error)?;
             }
             std::fs::create_dir_all(&staging)
                 .map_err(|e| Error::internal(format!("mkdir {}", staging.display()), &e))?;
+            host_files::write(&files, &copies)?;
             let pid_ns = match namespaces.join.iter().find(|(ns, _)| *ns == Ns::Pid) {
                 Some((_, path)) => PidNs::JoinPath(path),
                 None if namespaces.new.contains(&Ns::Pid) => PidNs::New,
@@ -160,7 +171,7 @@ impl Containers {
                     rootfs: req.rootfs.clone(),
                     mode: req.mode,
                     namespaces: namespaces.clone(),
-                    staging: staging.clone(),
+                    staging,
                 })),
             };
             let oom_before = cgroup.oom_kills();
@@ -188,12 +199,13 @@ impl Containers {
                     starter: Mutex::new(Some(chan)),
                     execs: Mutex::new(HashMap::new()),
                     starting: Mutex::new(HashSet::new()),
-                    staging,
+                    paused: RwLock::new(false),
+                    dir,
                 })
             }
             Err(e) => {
                 remove_cgroup(&cgroup);
-                let _ = std::fs::remove_dir(&staging);
+                remove_dir(&dir);
                 Err(e)
             }
         }
@@ -201,6 +213,8 @@ impl Containers {
 
     pub fn start(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;
+        // A created container cannot be paused; this keeps a pause out until it runs.
+        let _paused = read(&c.paused);
         let chan = lock(&c.starter).take().ok_or_else(|| {
             Error::FailedPrecondition(format!("container {id:?} was already started"))
         })?;
@@ -228,16 +242,17 @@ impl Containers {
         }
         let process = spec::parse_process(process_json)?;
         let c = self.get(id)?;
-        if lock(&c.starter).is_some() {
-            return Err(Error::FailedPrecondition(format!("container {id:?} is not started")));
+        let paused = read(&c.paused);
+        if *paused {
+            // The helper would freeze as soon as it joined the cgroup.
+            return Err(Error::FailedPrecondition(format!("container {id:?} is paused")));
         }
-        if c.init.exited().is_some() {
-            return Err(Error::FailedPrecondition(format!("container {id:?} is stopped")));
-        }
+        c.check_running()?;
         if lock(&c.execs).contains_key(exec_id) || !lock(&c.starting).insert(exec_id.into()) {
             return Err(Error::AlreadyExists(format!("process {exec_id:?} exists in {id:?}")));
         }
         let result = self.exec_reserved(&c, process, stdio);
+        drop(paused);
         lock(&c.starting).remove(exec_id);
         let p = result?;
         log::info!("exec {exec_id} in {id} (process {})", p.pid);
@@ -322,6 +337,23 @@ impl Containers {
         Ok(pids.into_iter().filter_map(procs::info).collect())
     }
 
+    /// The container's cgroup counters.
+    pub fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        let c = self.get(id)?;
+        stats::read(c.cgroup.path())
+            .map_err(|e| Error::internal(format!("reading the counters of {id:?}"), &e))
+    }
+
+    /// Change the container's limits (the OCI spec's linux.resources as JSON).
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let resources = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(resources_json)
+            .map_err(|e| Error::InvalidArgument(format!("the OCI resources are not valid: {e}")))?;
+        let c = self.get(id)?;
+        c.cgroup.apply(&resources).map_err(limits_error)?;
+        log::info!("container {id} updated");
+        Ok(())
+    }
+
     /// Forget an exec that has exited (its exit status and stdio go with it).
     pub fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
         if exec_id.is_empty() {
@@ -338,6 +370,37 @@ impl Containers {
             return Err(Error::FailedPrecondition(format!("process {exec_id:?} is running")));
         }
         execs.remove(exec_id);
+        Ok(())
+    }
+
+    /// Freeze every process of a running container.
+    pub fn pause(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        let mut paused = write(&c.paused);
+        if *paused {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is already paused")));
+        }
+        c.check_running()?;
+        c.cgroup
+            .set_frozen(true, FREEZE_TIMEOUT)
+            .map_err(|e| Error::internal(format!("pausing container {id:?}"), &e))?;
+        *paused = true;
+        log::info!("container {id} paused");
+        Ok(())
+    }
+
+    /// Thaw a paused container.
+    pub fn resume(&self, id: &str) -> Result<()> {
+        let c = self.get(id)?;
+        let mut paused = write(&c.paused);
+        if !*paused {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is not paused")));
+        }
+        c.cgroup
+            .set_frozen(false, FREEZE_TIMEOUT)
+            .map_err(|e| Error::internal(format!("resuming container {id:?}"), &e))?;
+        *paused = false;
+        log::info!("container {id} resumed");
         Ok(())
     }
 
@@ -369,9 +432,27 @@ impl Containers {
 }
 
 impl Container {
+    /// Started and its own process not exited.
+    fn check_running(&self) -> Result<()> {
+        let id = &self.id;
+        if lock(&self.starter).is_some() {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is not started")));
+        }
+        if self.init.exited().is_some() {
+            return Err(Error::FailedPrecondition(format!("container {id:?} is stopped")));
+        }
+        Ok(())
+    }
+
     fn destroy(&self) -> Result<()> {
         // A created container's helper exits when its channel closes.
         drop(lock(&self.starter).take());
+        if *read(&self.paused) {
+            // Thawed first, so that nothing of it is left frozen when it is killed.
+            if let Err(e) = self.cgroup.set_frozen(false, FREEZE_TIMEOUT) {
+                log::warn!("thawing container {}: {e}", self.id);
+            }
+        }
         if self.init.exited().is_none() {
             if let Err(e) = self.cgroup.kill() {
                 log::warn!("killing container {}: {e}", self.id);
@@ -391,7 +472,7 @@ impl Container {
             .cgroup
             .remove(KILL_TIMEOUT)
             .map_err(|e| Error::internal(format!("removing the cgroup of {}", self.id), &e));
-        let _ = std::fs::remove_dir(&self.staging);
+        remove_dir(&self.dir);
         log::info!("container {} removed", self.id);
         result
     }
@@ -453,6 +534,27 @@ fn kill_and_wait(spawned: &Spawned) {
     let _ = crate::pidfd::send_signal(&spawned.pidfd, libc::SIGKILL);
     if spawned.exit.wait_timeout(KILL_TIMEOUT).is_none() {
         log::warn!("process {} did not die", spawned.pid);
+    }
+}
+
+/// A failure to set limits: the guest's if writing failed, else the request's.
+fn limits_error(e: cgroup::CgroupError) -> Error {
+    match e {
+        cgroup::CgroupError::Io { .. } => Error::internal("setting cgroup limits", &e),
+        _ => Error::InvalidArgument(e.to_string()),
+    }
+}
+
+/// Remove a container's directory: the host files' copies and the empty staging directory (its
+/// mounts were in the container's mount namespace). Not remove_dir_all, which would go down
+/// into a mount left there by mistake.
+fn remove_dir(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir.join("files"));
+    let _ = std::fs::remove_dir(dir.join("staging"));
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("removing {}: {e}", dir.display());
+        }
     }
 }
 

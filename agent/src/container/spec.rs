@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -67,9 +67,7 @@ pub fn parse(json: &[u8]) -> Result<Spec> {
                 dest.display()
             )));
         }
-        let bind = m.options().iter().flatten().any(|o| o == "bind" || o == "rbind")
-            || m.typ().as_deref() == Some("bind");
-        if bind && !m.source().as_deref().is_some_and(Path::is_absolute) {
+        if is_bind(m) && !m.source().as_deref().is_some_and(Path::is_absolute) {
             return Err(Error::InvalidArgument(format!(
                 "bind mount on {} needs an absolute source",
                 dest.display()
@@ -95,6 +93,12 @@ pub fn parse(json: &[u8]) -> Result<Spec> {
         ));
     }
     Ok(spec)
+}
+
+/// Whether a mount is a bind mount (its source a path, not a file system).
+pub fn is_bind(m: &Mount) -> bool {
+    m.options().iter().flatten().any(|o| o == "bind" || o == "rbind")
+        || m.typ().as_deref() == Some("bind")
 }
 
 /// Parse an exec's process JSON and check it.

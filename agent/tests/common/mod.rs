@@ -55,10 +55,10 @@ impl Agent {
         Self::start_with(false)
     }
 
-    /// The agent as PID 1, as in the guest: in new pid, mount, UTS and cgroup namespaces
-    /// (`unshare`),
-    /// where it mounts its file systems (the cgroup v2 hierarchy included, at /sys/fs/cgroup)
-    /// and where powering off ends the namespace.
+    /// The agent as PID 1, as in the guest: in new pid, mount, UTS, cgroup and network
+    /// namespaces (`unshare`), where it mounts its file systems (the cgroup v2 hierarchy
+    /// included, at /sys/fs/cgroup; sysfs shows the namespace's own NICs), configures the
+    /// network and where powering off ends the namespace.
     pub fn start_as_pid1() -> Self {
         Self::start_with(true)
     }
@@ -89,7 +89,7 @@ impl Agent {
             std::env::var("HUSK_AGENT_BIN").unwrap_or(env!("CARGO_BIN_EXE_husk-agent").into());
         let mut cmd = if pid1 {
             let mut c = Command::new("unshare");
-            let namespaces = ["--pid", "--fork", "--mount", "--uts", "--cgroup"];
+            let namespaces = ["--pid", "--fork", "--mount", "--uts", "--cgroup", "--net"];
             c.args(namespaces).args(["--propagation", "private", "--"]);
             c.arg(bin);
             c
@@ -150,6 +150,11 @@ impl Agent {
         &self.cgroup_root
     }
 
+    /// The agent's state directory (each container's staging and copied host files).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// The stdio streams' socket.
     pub fn stdio_socket(&self) -> PathBuf {
         self.dir.path().join("stdio.sock")
@@ -183,14 +188,7 @@ impl Agent {
         rootfs: &Path,
         stdio: (bool, bool, bool),
     ) -> ttrpc::Result<()> {
-        let mut req = pb::CreateContainerRequest::new();
-        req.container_id = id.into();
-        req.oci_spec_json = serde_json::to_vec(spec).unwrap();
-        let r = req.rootfs.mut_or_insert_default();
-        r.set_directory(rootfs.display().to_string());
-        r.mode = pb::RootfsMode::OVERLAY.into();
-        req.stdio = Some(stdio_msg(stdio)).into();
-        self.client.create_container(ctx(), &req).map(drop)
+        self.client.create_container(ctx(), &create_request(id, spec, rootfs, stdio)).map(drop)
     }
 
     pub fn start_container(&self, id: &str) -> ttrpc::Result<()> {
@@ -243,6 +241,50 @@ impl Agent {
         self.client.remove_process(ctx(), &req).map(drop)
     }
 
+    pub fn pause(&self, id: &str) -> ttrpc::Result<()> {
+        let mut req = pb::PauseContainerRequest::new();
+        req.container_id = id.into();
+        self.client.pause_container(ctx(), &req).map(drop)
+    }
+
+    pub fn resume(&self, id: &str) -> ttrpc::Result<()> {
+        let mut req = pb::ResumeContainerRequest::new();
+        req.container_id = id.into();
+        self.client.resume_container(ctx(), &req).map(drop)
+    }
+
+    pub fn stats(&self, id: &str) -> ttrpc::Result<pb::StatsContainerResponse> {
+        let mut req = pb::StatsContainerRequest::new();
+        req.container_id = id.into();
+        self.client.stats_container(ctx(), &req)
+    }
+
+    pub fn update(&self, id: &str, resources: &Value) -> ttrpc::Result<()> {
+        let mut req = pb::UpdateContainerRequest::new();
+        req.container_id = id.into();
+        req.resources_json = serde_json::to_vec(resources).unwrap();
+        self.client.update_container(ctx(), &req).map(drop)
+    }
+
+    /// Run `script` as an exec in container `id`: (stdout, stderr, exit status).
+    pub fn exec_sh(&self, id: &str, exec: &str, script: &str) -> (String, String, i32) {
+        self.exec(id, exec, &process(&["sh", "-c", script]), (false, true, true)).unwrap();
+        let out = self.stream(id, exec, StreamKind::Stdout);
+        let err = self.stream(id, exec, StreamKind::Stderr);
+        let (out, err) = (read_all(out), read_all(err));
+        let status = self.wait(id, exec).unwrap().exit_status;
+        self.remove_process(id, exec).unwrap();
+        (out, err, status)
+    }
+
+    /// The pids of a container's processes (in the agent's pid namespace).
+    pub fn pids(&self, id: &str) -> Vec<i32> {
+        let mut req = pb::ListProcessesRequest::new();
+        req.container_id = id.into();
+        let list = self.client.list_processes(ctx(), &req).unwrap();
+        list.processes.iter().map(|p| p.pid).collect()
+    }
+
     /// Create and start a container running `args` with stdout and stderr, read both to EOF
     /// and wait for it: (stdout, stderr, exit status).
     pub fn run(
@@ -280,6 +322,18 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if self.pid1 {
+                // Killing unshare would leave the agent running: kill the agent, and with it
+                // its pid namespace.
+                let id = child.id();
+                let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"));
+                for pid in children.unwrap_or_default().split_whitespace() {
+                    if let Ok(pid) = pid.parse() {
+                        // SAFETY: kill takes a pid and a signal; no memory is involved.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -297,6 +351,23 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_dir(&self.cgroup_root);
     }
+}
+
+/// A CreateContainer request for `spec` on the directory `rootfs` (overlay).
+pub fn create_request(
+    id: &str,
+    spec: &Value,
+    rootfs: &Path,
+    stdio: (bool, bool, bool),
+) -> pb::CreateContainerRequest {
+    let mut req = pb::CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(spec).unwrap();
+    let r = req.rootfs.mut_or_insert_default();
+    r.set_directory(rootfs.display().to_string());
+    r.mode = pb::RootfsMode::OVERLAY.into();
+    req.stdio = Some(stdio_msg(stdio)).into();
+    req
 }
 
 pub fn ctx() -> ttrpc::context::Context {
