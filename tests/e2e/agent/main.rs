@@ -136,3 +136,65 @@ fn terminal_with_resize_and_an_oom_kill_in_the_guest() {
     vm.remove("hog");
     vm.shutdown();
 }
+
+#[test]
+fn two_hundred_execs_leave_no_zombie_fd_or_mount_in_the_guest() {
+    let vm = AgentVm::boot();
+    // A container in the guest's own pid namespace, allowed to look at the agent (PID 1).
+    let mut p = process(&["sleep", "1000"]);
+    let caps = ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_DAC_OVERRIDE", "CAP_KILL"];
+    p["capabilities"] = serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps});
+    let mut s = spec(p);
+    s["linux"]["namespaces"] = serde_json::json!([{"type": "mount"}, {"type": "uts"}]);
+    vm.create("svc", &s, (false, false, false)).expect("CreateContainer");
+    vm.start("svc");
+    let probe_script = "ls /proc/1/fd | wc -l; wc -l < /proc/1/mountinfo; \
+                        cat /proc/[0-9]*/stat 2>/dev/null | awk '$3 == \"Z\"' | wc -l";
+    let mut n = 0;
+    let mut probe = || {
+        n += 1;
+        let id = format!("probe{n}");
+        vm.exec("svc", &id, &process(&["sh", "-c", probe_script]), (false, true, false));
+        let out = read_to_end(vm.stream("svc", &id, StreamKind::Stdout));
+        assert_eq!(vm.wait("svc", &id).exit_status, 0, "{out}");
+        let mut req = pb::RemoveProcessRequest::new();
+        req.container_id = "svc".into();
+        req.exec_id = id;
+        vm.client.remove_process(ctx(), &req).expect("RemoveProcess");
+        out
+    };
+    let before = probe();
+    for i in 0..200 {
+        let id = format!("e{i}");
+        // Every tenth with its stdout attached, the rest with none.
+        let with_out = i % 10 == 0;
+        vm.exec("svc", &id, &process(&["echo", "x"]), (false, with_out, false));
+        if with_out {
+            assert_eq!(read_to_end(vm.stream("svc", &id, StreamKind::Stdout)), "x\n");
+        }
+        assert_eq!(vm.wait("svc", &id).exit_status, 0);
+        let mut req = pb::RemoveProcessRequest::new();
+        req.container_id = "svc".into();
+        req.exec_id = id;
+        vm.client.remove_process(ctx(), &req).expect("RemoveProcess");
+    }
+    // Stream threads finish just after their streams: give them a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut after = probe();
+    while after != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        after = probe();
+    }
+    let [fds, mounts, zombies]: [&str; 3] =
+        after.lines().collect::<Vec<_>>().try_into().expect("three counts");
+    assert_eq!(after, before, "agent fds, mounts and zombies (fds {fds}, mounts {mounts})");
+    assert_eq!(zombies, "0", "no zombies in the guest");
+    let mut req = pb::ListProcessesRequest::new();
+    req.container_id = "svc".into();
+    let procs = vm.client.list_processes(ctx(), &req).unwrap().processes;
+    assert_eq!(procs.len(), 1, "only the container's own process is left: {procs:?}");
+    vm.signal("svc", libc::SIGKILL);
+    vm.wait("svc", "");
+    vm.remove("svc");
+    vm.shutdown();
+}
