@@ -1,7 +1,12 @@
-//! SIGINT, SIGTERM and SIGHUP end a running micro-VM cleanly: the handler writes the VM's stop
-//! event (an async-signal-safe `write`) and records the signal, so that `husk` tears the VM
-//! down (closing taps, removing sockets) and exits with 128 + the signal number, as a process
-//! killed by it would report.
+//! Signals in husk's host processes.
+//!
+//! - `husk vm run`: SIGINT, SIGTERM and SIGHUP end a running micro-VM cleanly: the handler
+//!   writes the VM's stop event (an async-signal-safe `write`) and records the signal, so that
+//!   `husk` tears the VM down (closing taps, removing sockets) and exits with 128 + the signal
+//!   number, as a process killed by it would report.
+//! - A process standing for a container process (the VM process, an exec's process) blocks the
+//!   signals it passes on ([`FORWARDED`]) and takes them with `sigwait` on one thread.
+//! - Signal names and numbers as `runc kill` takes them ([`parse`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};

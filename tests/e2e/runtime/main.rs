@@ -225,6 +225,16 @@ fn exec_ps_pause_resume_kill_all_and_delete_force() {
     assert_eq!(stats["type"], "stats");
     assert!(stats["data"]["pids"]["current"].as_u64().unwrap() >= 2, "{stats}");
     assert!(stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0, "{stats}");
+    // update: from flags, and from OCI resources JSON on stdin as containerd sends them.
+    husk.ok(&["update", "--pids-limit", "50", "box"]);
+    let mut update = husk.cmd(&["update", "--resources", "-", "box"]);
+    let mut child = update.stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(br#"{"memory": {"limit": 134217728}}"#).unwrap();
+    assert!(child.wait().unwrap().success());
+    let stats: serde_json::Value =
+        serde_json::from_str(&husk.ok(&["events", "--stats", "box"])).unwrap();
+    assert_eq!(stats["data"]["pids"]["limit"], 50, "{stats}");
+    assert_eq!(stats["data"]["memory"]["usage"]["limit"], 134217728u64, "{stats}");
 
     husk.ok(&["kill", "--all", "box", "KILL"]);
     assert_eq!(wait_pid(exec_pid, EXIT_TIMEOUT), 137, "the exec died with the rest");
