@@ -82,6 +82,17 @@ class Runtime:
         return p
 
 
+def run_detached(rt, *args):
+    """`run --detach`: the container keeps the stdio it is given, so it gets no pipe (whose
+    reader would wait for the container's end) but a file for stderr, read back here."""
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.run(rt.cmd("run", "--detach", *args), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=err)
+        err.seek(0)
+        p.stderr = err.read().decode(errors="replace")
+    return p
+
+
 def time_run_true(rt, bundle, cid):
     start = time.monotonic()
     p = rt.run("run", "--bundle", bundle, cid, check=False)
@@ -140,11 +151,9 @@ def processes_mentioning(needle):
 def idle_memory_mib(rt, bundle, cid, settle_s):
     """PSS of an idle container's host processes."""
     pid_file = os.path.join(os.path.dirname(bundle), f"{rt.name}-{cid}.pid")
-    p = subprocess.run(rt.cmd("run", "--detach", "--bundle", bundle, "--pid-file", pid_file, cid),
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE)
+    p = run_detached(rt, "--bundle", bundle, "--pid-file", pid_file, cid)
     if p.returncode != 0:
-        sys.exit(f"bench: {rt.name} run --detach failed: {p.stderr.decode(errors='replace')}")
+        sys.exit(f"bench: {rt.name} run --detach failed: {p.stderr}")
     time.sleep(settle_s)
     pid = int(open(pid_file).read().strip())
     pids = set(descendants(pid))
@@ -160,11 +169,9 @@ def start_rate(rt, bundle, count, parallel):
     ids = [f"rate-{i}" for i in range(count)]
 
     def start(cid):
-        p = subprocess.run(rt.cmd("run", "--detach", "--bundle", bundle, cid),
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)
+        p = run_detached(rt, "--bundle", bundle, cid)
         if p.returncode != 0:
-            raise RuntimeError(f"{rt.name} run --detach {cid}: {p.stderr.decode(errors='replace')}")
+            raise RuntimeError(f"{rt.name} run --detach {cid}: {p.stderr}")
 
     begin = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:

@@ -10,6 +10,7 @@ mod console;
 mod container;
 mod logging;
 mod network;
+mod rootfs_image;
 mod session;
 mod settings;
 mod signals;

@@ -8,6 +8,7 @@ use crate::bundle::Bundle;
 use crate::cli::{CreateArgs, GlobalArgs};
 use crate::commands::{self_command, settings, write_pid_file};
 use crate::container::{now_rfc3339, process, Container, Record, Status};
+use crate::rootfs_image::RootfsImages;
 use crate::settings::Settings;
 use crate::sync_pipe::SyncReader;
 
@@ -56,7 +57,7 @@ pub fn new_record(
     container: &Container,
     bundle: &Bundle,
 ) -> anyhow::Result<Record> {
-    let image = rootfs_disk(settings, &bundle.rootfs, container.dir())?;
+    let image = rootfs_disk(settings, &bundle.rootfs, container.id())?;
     let record = Record {
         id: container.id().into(),
         pid: 0,
@@ -107,20 +108,34 @@ fn create_in(
     Ok(record)
 }
 
-// TEMPORARY until the cached image builder lands.
+/// The container's rootfs as a disk image from the cache (see `rootfs_image`), held through a
+/// link in the cache's `in-use/` (the cache's file system; `delete` removes it).
 fn rootfs_disk(
-    _settings: &Settings,
+    settings: &Settings,
     rootfs: &std::path::Path,
-    dir: &std::path::Path,
+    id: &str,
 ) -> anyhow::Result<crate::container::DiskImage> {
-    let path = dir.join("rootfs.img");
-    let out = std::process::Command::new("mkfs.erofs")
-        .arg(&path)
-        .arg(rootfs)
-        .output()
-        .context("mkfs.erofs")?;
-    if !out.status.success() {
-        bail!("mkfs.erofs: {}", String::from_utf8_lossy(&out.stderr));
+    let images = RootfsImages::new(&settings.cache_dir)?;
+    let in_use = settings.cache_dir.join(IN_USE);
+    std::fs::create_dir_all(&in_use).with_context(|| format!("creating {}", in_use.display()))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let link = in_use.join(format!("{id}-{nanos:x}"));
+    let image = images
+        .prepare(rootfs, &link)
+        .with_context(|| format!("cannot make a disk image of {}", rootfs.display()))?;
+    log::debug!(
+        "rootfs image {} of {id}: {}",
+        image.key,
+        if image.from_cache { "from the cache" } else { "built" }
+    );
+    if let Some(reason) = &image.ext4_reason {
+        log::info!("the rootfs image of {id} is ext4: {reason}");
     }
-    Ok(crate::container::DiskImage { path, fstype: "erofs".into() })
+    Ok(crate::container::DiskImage { path: image.path, fstype: image.fstype.as_str().into() })
 }
+
+/// Where containers' links to their rootfs images live, under the image cache.
+const IN_USE: &str = "in-use";

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use crate::cli::{DeleteArgs, GlobalArgs};
 use crate::container::{process, Container, Status};
 use crate::network;
+use crate::rootfs_image::RootfsImages;
 
 /// How long a killed VM process may take to go.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,10 +44,13 @@ fn kill_vm(record: &crate::container::Record) -> anyhow::Result<()> {
 }
 
 /// Remove what husk made for a container whose VM process is gone: the network set-up in its
-/// namespace, then its state directory.
+/// namespace, its hold on its rootfs image, then its state directory.
 pub fn clean_up(container: Container) -> anyhow::Result<()> {
     if let Some(record) = network::load_record(container.dir())? {
         network::teardown(&record).context("cannot undo the container's network set-up")?;
+    }
+    if let Ok(record) = container.load() {
+        RootfsImages::release(&record.image.path)?;
     }
     Ok(container.destroy()?)
 }
