@@ -182,6 +182,11 @@ impl Husk {
             .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "state left under {}: {left:?}", root.display());
+        let in_use = self.dir.path().join("cache/in-use");
+        let held: Vec<_> = std::fs::read_dir(&in_use)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(held.is_empty(), "rootfs image links left in {}: {held:?}", in_use.display());
         let needle = root.to_str().unwrap().to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
