@@ -220,7 +220,8 @@ def main():
 
     cores = os.cpu_count() or 1
     med = {k: statistics.median(v) * 1000 for k, v in runs.items()}
-    print(f"Where: {a.where}. {a.rounds} interleaved rounds of `run` of a busybox container "
+    print(f"### Runtime: husk vs runc vs runsc ({a.where})\n")
+    print(f"{a.rounds} interleaved rounds of `run` of a busybox container "
           f"running `true` (create to exit, then delete); one warm-up each first.\n")
     print("| | husk | runc | runsc | husk / runc | husk / runsc |")
     print("|---|---|---|---|---|---|")
