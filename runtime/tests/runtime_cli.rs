@@ -177,3 +177,15 @@ fn spec_features_list_and_version() {
     let version = String::from_utf8_lossy(&out.stdout);
     assert!(version.starts_with("husk version ") && version.contains("spec: "), "{version}");
 }
+
+#[test]
+fn delete_removes_what_a_dead_create_left() {
+    let dir = TempDir::new("cli-dead-create");
+    // A create killed before it saved its record leaves only its directory.
+    std::fs::create_dir_all(dir.path().join("root/half")).unwrap();
+    let out = husk(dir.path()).args(["delete", "half"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!dir.path().join("root/half").exists());
+    let e = fails(husk(dir.path()).args(["delete", "half"]));
+    assert!(e.contains("does not exist"), "{e}");
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 
 use crate::cli::{DeleteArgs, GlobalArgs};
-use crate::container::{process, Container, Status};
+use crate::container::{process, Container, StateError, Status};
 use crate::network;
 use crate::rootfs_image::RootfsImages;
 
@@ -18,6 +18,12 @@ pub fn run(global: &GlobalArgs, args: &DeleteArgs) -> anyhow::Result<()> {
     let container = Container::open(&global.root, &args.id)?;
     let record = match container.load() {
         Ok(record) => record,
+        // A directory without a record: a create that died before it saved one (a live create
+        // would still hold the lock we now have). Nothing in it can be running.
+        Err(StateError::NotExist(_)) => {
+            log::warn!("container {} has no record; removing what its create left", args.id);
+            return clean_up(container);
+        }
         // A record that cannot be read cannot name a VM process to stop; --force removes it.
         Err(e) if args.force => {
             log::warn!("{e}; removing the container's directory");
