@@ -12,22 +12,11 @@ use std::thread::JoinHandle;
 
 use husk_agent_protocol::hybrid_vsock;
 use husk_agent_protocol::stream::{StreamHeader, StreamKind};
-use husk_agent_protocol::STDIO_PORT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
-    #[error("opening the {kind} stream")]
-    Connect {
-        kind: StreamKind,
-        #[source]
-        source: hybrid_vsock::ConnectError,
-    },
-    #[error("opening the {kind} stream")]
-    Header {
-        kind: StreamKind,
-        #[source]
-        source: husk_agent_protocol::stream::StreamError,
-    },
+    #[error(transparent)]
+    Open(#[from] hybrid_vsock::OpenStreamError),
     #[error("duplicating a host descriptor: {0}")]
     Dup(std::io::Error),
 }
@@ -39,11 +28,8 @@ pub fn open_stream(
     exec: &str,
     kind: StreamKind,
 ) -> Result<UnixStream, StdioError> {
-    let mut s = hybrid_vsock::connect(vsock, STDIO_PORT)
-        .map_err(|source| StdioError::Connect { kind, source })?;
     let header = StreamHeader { container_id: container.into(), exec_id: exec.into(), kind };
-    header.open(&mut s).map_err(|source| StdioError::Header { kind, source })?;
-    Ok(s)
+    Ok(hybrid_vsock::open_stream(vsock, &header)?)
 }
 
 /// A copy of a host descriptor as a file (the original stays open for its owner).

@@ -12,7 +12,7 @@ use husk_agent_protocol::agent as pb;
 use husk_agent_protocol::agent_ttrpc::AgentClient;
 use husk_agent_protocol::hybrid_vsock;
 use husk_agent_protocol::stream::{StreamHeader, StreamKind};
-use husk_agent_protocol::{AGENT_PORT, STDIO_PORT};
+use husk_agent_protocol::AGENT_PORT;
 use serde_json::Value;
 
 use crate::guest::{guest_kernel, husk_binary, repo_root, require_real_kvm, NESTED_CMDLINE};
@@ -80,10 +80,9 @@ impl AgentVm {
 
     /// Open a stdio stream of a process (`exec` empty: the container's own).
     pub fn stream(&self, container: &str, exec: &str, kind: StreamKind) -> UnixStream {
-        let mut s = hybrid_vsock::connect(&self.vsock(), STDIO_PORT).expect("stdio port");
         let header = StreamHeader { container_id: container.into(), exec_id: exec.into(), kind };
-        header.open(&mut s).unwrap_or_else(|e| panic!("opening {kind} of {container}/{exec}: {e}"));
-        s
+        hybrid_vsock::open_stream(&self.vsock(), &header)
+            .unwrap_or_else(|e| panic!("opening {kind} of {container}/{exec}: {e:?}"))
     }
 
     /// CreateContainer on the busybox disk (overlay) with the stdio streams `stdio` names.

@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use crate::line::{read_line, LineError};
+use crate::stream::{StreamError, StreamHeader, StreamKind};
 
 /// The longest answer line accepted (`OK 4294967295\n` is 14 bytes).
 const MAX_REPLY: usize = 32;
@@ -65,6 +66,33 @@ pub fn handshake(stream: &mut UnixStream, port: u32) -> Result<(), ConnectError>
         Some(n) if n.parse::<u32>().is_ok() => Ok(()),
         _ => Err(ConnectError::BadReply { port, line }),
     }
+}
+
+/// Why a stdio stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStreamError {
+    #[error("opening the {kind} stream")]
+    Connect {
+        kind: StreamKind,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("opening the {kind} stream")]
+    Header {
+        kind: StreamKind,
+        #[source]
+        source: StreamError,
+    },
+}
+
+/// Open the stdio stream `header` names: a connection to [`crate::STDIO_PORT`] through the
+/// VMM's socket `uds`, the header sent and accepted.
+pub fn open_stream(uds: &Path, header: &StreamHeader) -> Result<UnixStream, OpenStreamError> {
+    let kind = header.kind;
+    let mut s = connect(uds, crate::STDIO_PORT)
+        .map_err(|source| OpenStreamError::Connect { kind, source })?;
+    header.open(&mut s).map_err(|source| OpenStreamError::Header { kind, source })?;
+    Ok(s)
 }
 
 /// A ttrpc client for the agent service over a connected stream (from [`connect`] to
