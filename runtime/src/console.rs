@@ -129,30 +129,10 @@ fn send_fd(stream: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use husk_tests::runtime::recv_fd;
     use husk_tests::tiny_guest::TempDir;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
-
-    /// Receive one descriptor the way containerd's console receiver does.
-    fn recv_fd(stream: &UnixStream) -> (String, OwnedFd) {
-        let mut data = [0u8; 64];
-        let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
-        let mut control = [0u8; 64];
-        // SAFETY: as in send_fd, with buffers to receive into.
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = control.len() as _;
-            let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, 0);
-            assert!(n > 0);
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            assert_eq!((*cmsg).cmsg_type, libc::SCM_RIGHTS);
-            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-            (String::from_utf8_lossy(&data[..n as usize]).into_owned(), OwnedFd::from_raw_fd(fd))
-        }
-    }
 
     #[test]
     fn the_master_reaches_the_console_socket_and_talks_to_the_slave() {

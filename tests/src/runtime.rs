@@ -233,3 +233,31 @@ pub fn wait_pid(pid: i32, timeout: Duration) -> i32 {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Receive one descriptor sent with SCM_RIGHTS, the way containerd's console receiver takes
+/// the pty master from a runtime: the message's data (runc sends the master's name) and the
+/// descriptor.
+pub fn recv_fd(stream: &std::os::unix::net::UnixStream) -> (String, std::os::fd::OwnedFd) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut data = [0u8; 64];
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    let mut control = [0u8; 64];
+    // SAFETY: msghdr points at live buffers; the kernel fills at most their sizes, and the
+    // control message is checked to be SCM_RIGHTS before its descriptor is taken.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() as _;
+        let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, 0);
+        assert!(n > 0, "recvmsg: {}", std::io::Error::last_os_error());
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        assert!(!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS, "no SCM_RIGHTS");
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+        (
+            String::from_utf8_lossy(&data[..n as usize]).into_owned(),
+            std::os::fd::OwnedFd::from_raw_fd(fd),
+        )
+    }
+}

@@ -3,13 +3,13 @@
 //! test process as a subreaper (as the shim is), and nothing left behind after each test.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use husk_tests::oci::{process, spec};
-use husk_tests::runtime::{wait_pid, Husk};
+use husk_tests::runtime::{recv_fd, wait_pid, Husk};
 use serde_json::json;
 
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -103,26 +103,6 @@ fn run_exit_codes_the_guest_kernel_and_stdin() {
     husk.assert_nothing_left();
 }
 
-/// Receive the pty master the way containerd's console receiver does.
-fn recv_master(listener: &UnixListener) -> OwnedFd {
-    let (conn, _) = listener.accept().unwrap();
-    let mut data = [0u8; 64];
-    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
-    let mut control = [0u8; 64];
-    // SAFETY: msghdr points at live buffers; the kernel fills one SCM_RIGHTS descriptor.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = control.len() as _;
-        assert!(libc::recvmsg(conn.as_raw_fd(), &mut msg, 0) > 0);
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        assert!(!cmsg.is_null() && (*cmsg).cmsg_type == libc::SCM_RIGHTS);
-        OwnedFd::from_raw_fd(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()))
-    }
-}
-
 #[test]
 fn a_terminal_through_the_console_socket_with_a_resize() {
     let husk = Husk::new();
@@ -132,7 +112,7 @@ fn a_terminal_through_the_console_socket_with_a_resize() {
     let socket = husk.dir().join("console.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     let pid_file = husk.dir().join("tty.pid");
-    let receiver = std::thread::spawn(move || recv_master(&listener));
+    let receiver = std::thread::spawn(move || recv_fd(&listener.accept().unwrap().0).1);
     husk.ok_detached(
         "tty",
         &[
