@@ -35,65 +35,29 @@ pub enum TerminalMode {
     Inherit,
 }
 
-/// An attached process.
-pub struct Session {
+impl TerminalMode {
+    /// The terminal of a process: none without `terminal`; a pty for the console socket when
+    /// one is given; else this host process's own terminal.
+    pub fn for_process(terminal: bool, console_socket: Option<&Path>) -> Self {
+        match (terminal, console_socket) {
+            (false, _) => TerminalMode::None,
+            (true, Some(socket)) => TerminalMode::ConsoleSocket(socket.to_path_buf()),
+            (true, None) => TerminalMode::Inherit,
+        }
+    }
+}
+
+/// The guest process a session stands for, and the host terminal whose size its terminal
+/// follows; what the signal-forwarding thread needs.
+#[derive(Clone)]
+struct Target {
     client: AgentClient,
     container: String,
     exec: String,
-    output: Vec<JoinHandle<()>>,
-    /// The host terminal whose size the guest terminal follows.
     tty_fd: Option<RawFd>,
-    _tty: Option<std::fs::File>,
-    _raw: Option<RawTerminal>,
 }
 
-impl Session {
-    /// Attach to the stdio of process `exec` (empty: the container's own) of `container`.
-    /// `control`: make the host pty this process's controlling terminal (it is then told of
-    /// resizes by SIGWINCH); only a session leader without a terminal can.
-    pub fn attach(
-        client: AgentClient,
-        vsock: &Path,
-        container: &str,
-        exec: &str,
-        mode: &TerminalMode,
-        control: bool,
-    ) -> anyhow::Result<Self> {
-        let mut session = Session {
-            client,
-            container: container.into(),
-            exec: exec.into(),
-            output: vec![],
-            tty_fd: None,
-            _tty: None,
-            _raw: None,
-        };
-        match mode {
-            TerminalMode::None => {
-                session.output = stdio::attach_pipes(vsock, container, exec, std_fds())?;
-            }
-            TerminalMode::ConsoleSocket(socket) => {
-                let pty = console::pty_to_console_socket(socket, control)?;
-                let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
-                host_to_guest(pty.slave.try_clone()?, stream.try_clone()?);
-                session.output = vec![guest_to_host(stream, pty.slave.try_clone()?)];
-                session.tty_fd = Some(pty.slave.as_raw_fd());
-                session._tty = Some(pty.slave);
-            }
-            TerminalMode::Inherit => {
-                let [input, output, _] = std_fds();
-                session._raw = RawTerminal::enable(input.as_fd())
-                    .context("cannot put the terminal in raw mode")?;
-                let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
-                host_to_guest(dup(input)?, stream.try_clone()?);
-                session.output = vec![guest_to_host(stream, dup(output)?)];
-                session.tty_fd = Some(input.as_raw_fd());
-                session.resize();
-            }
-        }
-        Ok(session)
-    }
-
+impl Target {
     /// Give the guest terminal the host terminal's size (when it has one).
     fn resize(&self) {
         let Some((rows, columns)) = self.tty_fd.and_then(console::window_size) else { return };
@@ -110,30 +74,79 @@ impl Session {
         }
     }
 
+    fn signal(&self, signum: i32) {
+        let mut req = pb::SignalProcessRequest::new();
+        req.container_id = self.container.clone();
+        req.exec_id = self.exec.clone();
+        req.signal = signum as u32;
+        if let Err(e) = self.client.signal_process(ctx(), &req) {
+            log::debug!("forwarding signal {signum}: {}", describe(&e));
+        }
+    }
+}
+
+/// An attached process.
+pub struct Session {
+    target: Target,
+    output: Vec<JoinHandle<()>>,
+    _tty: Option<std::fs::File>,
+    _raw: Option<RawTerminal>,
+}
+
+impl Session {
+    /// Attach to the stdio of process `exec` (empty: the container's own) of `container`.
+    /// `control`: this is a background husk process, a session leader without a terminal: the
+    /// host pty becomes its controlling terminal (it is then told of resizes by SIGWINCH), and
+    /// it lets go of the caller's stdio, which the process does not use (as runc's container
+    /// process, whose stdio becomes its pty, does not hold it).
+    pub fn attach(
+        client: AgentClient,
+        vsock: &Path,
+        container: &str,
+        exec: &str,
+        mode: &TerminalMode,
+        control: bool,
+    ) -> anyhow::Result<Self> {
+        let target =
+            Target { client, container: container.into(), exec: exec.into(), tty_fd: None };
+        let mut session = Session { target, output: vec![], _tty: None, _raw: None };
+        match mode {
+            TerminalMode::None => {
+                session.output = stdio::attach_pipes(vsock, container, exec, std_fds())?;
+            }
+            TerminalMode::ConsoleSocket(socket) => {
+                let pty = console::pty_to_console_socket(socket, control)?;
+                let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
+                host_to_guest(pty.slave.try_clone()?, stream.try_clone()?);
+                session.output = vec![guest_to_host(stream, pty.slave.try_clone()?)];
+                session.target.tty_fd = Some(pty.slave.as_raw_fd());
+                session._tty = Some(pty.slave);
+                if control {
+                    stdio::release_std_fds().context("cannot release the caller's stdio")?;
+                }
+            }
+            TerminalMode::Inherit => {
+                let [input, output, _] = std_fds();
+                session._raw = RawTerminal::enable(input.as_fd())
+                    .context("cannot put the terminal in raw mode")?;
+                let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
+                host_to_guest(dup(input)?, stream.try_clone()?);
+                session.output = vec![guest_to_host(stream, dup(output)?)];
+                session.target.tty_fd = Some(input.as_raw_fd());
+                session.target.resize();
+            }
+        }
+        Ok(session)
+    }
+
     /// Pass the signals this process gets (blocked beforehand with
     /// [`signals::block_forwarded`]) on to the guest process, and resizes to its terminal.
     pub fn forward_signals(&self) {
-        let forwarder = Session {
-            client: self.client.clone(),
-            container: self.container.clone(),
-            exec: self.exec.clone(),
-            output: vec![],
-            tty_fd: self.tty_fd,
-            _tty: None,
-            _raw: None,
-        };
+        let target = self.target.clone();
         std::thread::spawn(move || loop {
-            let signum = signals::wait_forwarded();
-            if signum == libc::SIGWINCH {
-                forwarder.resize();
-                continue;
-            }
-            let mut req = pb::SignalProcessRequest::new();
-            req.container_id = forwarder.container.clone();
-            req.exec_id = forwarder.exec.clone();
-            req.signal = signum as u32;
-            if let Err(e) = forwarder.client.signal_process(ctx(), &req) {
-                log::debug!("forwarding signal {signum}: {}", describe(&e));
+            match signals::wait_forwarded() {
+                libc::SIGWINCH => target.resize(),
+                signum => target.signal(signum),
             }
         });
     }
@@ -141,9 +154,10 @@ impl Session {
     /// Wait for the process to exit and for its output to reach the host.
     pub fn wait(mut self) -> anyhow::Result<pb::WaitProcessResponse> {
         let mut req = pb::WaitProcessRequest::new();
-        req.container_id = self.container.clone();
-        req.exec_id = self.exec.clone();
+        req.container_id = self.target.container.clone();
+        req.exec_id = self.target.exec.clone();
         let status = self
+            .target
             .client
             .wait_process(ctx_forever(), &req)
             .map_err(|e| anyhow::anyhow!("waiting for the process: {}", describe(&e)))?;
@@ -158,7 +172,7 @@ impl Session {
         if all_out.recv_timeout(OUTPUT_GRACE).is_err() {
             log::warn!(
                 "the output of {} did not end {OUTPUT_GRACE:?} after it exited",
-                self.container
+                self.target.container
             );
         }
         Ok(status)

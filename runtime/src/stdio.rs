@@ -101,9 +101,7 @@ pub fn std_fds() -> [BorrowedFd<'static>; 3] {
     unsafe { [BorrowedFd::borrow_raw(0), BorrowedFd::borrow_raw(1), BorrowedFd::borrow_raw(2)] }
 }
 
-/// Point descriptors 0, 1 and 2 at /dev/null: a background husk process whose container
-/// process has a terminal must not hold the caller's stdio open (as runc's container process,
-/// whose stdio becomes its pty, does not).
+/// Point descriptors 0, 1 and 2 at /dev/null.
 pub fn release_std_fds() -> std::io::Result<()> {
     let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
     for fd in 0..3 {

@@ -20,13 +20,13 @@ struct Report {
 }
 
 /// The parent's end.
-pub struct SyncReader {
+struct SyncReader {
     read: File,
     write: Option<OwnedFd>,
 }
 
 impl SyncReader {
-    pub fn new() -> std::io::Result<Self> {
+    fn new() -> std::io::Result<Self> {
         let mut fds = [-1; 2];
         // SAFETY: pipe2 writes two new descriptors into `fds`.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -38,7 +38,7 @@ impl SyncReader {
     }
 
     /// Let `cmd`'s child inherit the write end.
-    pub fn pass_to(&self, cmd: &mut Command) {
+    fn pass_to(&self, cmd: &mut Command) {
         use std::os::unix::process::CommandExt;
         let fd = self.write.as_ref().expect("not yet spawned").as_raw_fd();
         cmd.env(ENV, fd.to_string());
@@ -56,7 +56,7 @@ impl SyncReader {
 
     /// Wait for the child's report (close our copy of the write end first, so that the child's
     /// death reads as EOF).
-    pub fn wait(mut self) -> Result<(), String> {
+    fn wait(mut self) -> Result<(), String> {
         drop(self.write.take());
         let mut text = String::new();
         if let Err(e) = self.read.read_to_string(&mut text) {
@@ -68,6 +68,21 @@ impl SyncReader {
             Err(_) => Err("it exited before it was ready (see the log)".into()),
         }
     }
+}
+
+/// Start `cmd`, a background husk process that reports through a sync pipe, and wait for its
+/// report. `what` names it in errors. A child that failed is killed and reaped; on success it
+/// runs on, for the caller's caller (a subreaper) to reap.
+pub fn spawn_reported(mut cmd: Command, what: &str) -> Result<std::process::Child, String> {
+    let sync = SyncReader::new().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    sync.pass_to(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+    if let Err(e) = sync.wait() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
 }
 
 /// The child's end, from the environment.

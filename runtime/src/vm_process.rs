@@ -247,15 +247,9 @@ pub fn main(global: &crate::cli::GlobalArgs, args: &crate::cli::VmProcessArgs) -
         let dir = global.root.join(&args.id);
         let record = crate::container::peek(&global.root, &args.id)?;
         let bundle = Bundle::load(&record.bundle)?;
-        let terminal = match (&args.console_socket, bundle.terminal()) {
-            (Some(socket), true) => TerminalMode::ConsoleSocket(socket.clone()),
-            _ => TerminalMode::None,
-        };
-        let created = boot_and_create(&settings, &dir, &record, &bundle, &terminal, true)?;
-        if matches!(terminal, TerminalMode::ConsoleSocket(_)) {
-            crate::stdio::release_std_fds().context("cannot release the caller's stdio")?;
-        }
-        anyhow::Ok(created)
+        // `create` refused a terminal without a console socket.
+        let terminal = TerminalMode::for_process(bundle.terminal(), args.console_socket.as_deref());
+        boot_and_create(&settings, &dir, &record, &bundle, &terminal, true)
     })();
     match created {
         Ok(created) => {

@@ -6,11 +6,11 @@ use anyhow::{anyhow, bail, Context};
 
 use crate::bundle::Bundle;
 use crate::cli::{CreateArgs, GlobalArgs};
-use crate::commands::{self_command, settings, write_pid_file};
+use crate::commands::{refuse_preserved_fds, self_command, settings, write_pid_file};
 use crate::container::{now_rfc3339, process, Container, Record, Status};
 use crate::rootfs_image::RootfsImages;
 use crate::settings::Settings;
-use crate::sync_pipe::SyncReader;
+use crate::sync_pipe::spawn_reported;
 
 pub fn run(global: &GlobalArgs, args: &CreateArgs) -> anyhow::Result<()> {
     let (container, record) = create(global, args)?;
@@ -23,9 +23,7 @@ pub fn run(global: &GlobalArgs, args: &CreateArgs) -> anyhow::Result<()> {
 
 /// Create the container, returning its record (locked) with its VM process running.
 pub fn create(global: &GlobalArgs, args: &CreateArgs) -> anyhow::Result<(Container, Record)> {
-    if args.preserve_fds > 0 {
-        bail!("--preserve-fds: descriptors cannot be passed into a container's VM");
-    }
+    refuse_preserved_fds(args.preserve_fds)?;
     crate::container::check_id(&args.id)?;
     let settings = settings(global)?;
     let container = Container::create(&global.root, &args.id)?;
@@ -87,19 +85,13 @@ fn create_in(
     let bundle = Bundle::load(&args.bundle)?;
     check_console(bundle.terminal(), args.console_socket.is_some(), true)?;
     let mut record = new_record(settings, container, &bundle)?;
-    let sync = SyncReader::new().context("cannot create a pipe")?;
     let mut cmd = self_command(global);
     cmd.arg("vm-process").arg(container.id());
     if let Some(socket) = &args.console_socket {
         cmd.arg("--console-socket").arg(socket);
     }
-    sync.pass_to(&mut cmd);
-    let mut child = cmd.spawn().context("cannot start the container's VM process")?;
-    if let Err(e) = sync.wait() {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(anyhow!("cannot create container \"{}\": {e}", container.id()));
-    }
+    let child = spawn_reported(cmd, "the container's VM process")
+        .map_err(|e| anyhow!("cannot create container \"{}\": {e}", container.id()))?;
     record.pid = child.id() as i32;
     record.pid_start_time = process::start_time(record.pid)
         .ok_or_else(|| anyhow!("the container's VM process exited right after creating it"))?;

@@ -14,17 +14,15 @@ use serde_json::{json, Value};
 use crate::agent::{self, ctx, describe};
 use crate::cli::{ExecArgs, ExecProcessArgs, GlobalArgs};
 use crate::commands::create::check_console;
-use crate::commands::{agent_of, self_command, write_pid_file, NOT_RUNNING};
+use crate::commands::{agent_of, refuse_preserved_fds, self_command, write_pid_file, NOT_RUNNING};
 use crate::container::{vsock_path, Container, Status};
 use crate::session::{Session, TerminalMode};
 use crate::signals;
-use crate::sync_pipe::{SyncReader, SyncWriter};
+use crate::sync_pipe::{spawn_reported, SyncWriter};
 
 /// Returns the exit status to exit with.
 pub fn run(global: &GlobalArgs, args: &ExecArgs) -> anyhow::Result<i32> {
-    if args.preserve_fds > 0 {
-        bail!("--preserve-fds: descriptors cannot be passed into a container's VM");
-    }
+    refuse_preserved_fds(args.preserve_fds)?;
     let container = Container::open(&global.root, &args.id)?;
     let record = container.load()?;
     match record.current_status() {
@@ -42,20 +40,15 @@ pub fn run(global: &GlobalArgs, args: &ExecArgs) -> anyhow::Result<i32> {
         std::fs::write(&path, serde_json::to_vec(&process)?)
             .with_context(|| format!("writing {}", path.display()))?;
         drop(container);
-        let sync = SyncReader::new().context("cannot create a pipe")?;
         let mut cmd = self_command(global);
         cmd.args(["exec-process", &args.id, "--exec-id", &exec_id, "--process"]).arg(&path);
         if let Some(socket) = &args.console_socket {
             cmd.arg("--console-socket").arg(socket);
         }
-        sync.pass_to(&mut cmd);
-        let mut child = cmd.spawn().context("cannot start the exec's process")?;
-        if let Err(e) = sync.wait() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let child = spawn_reported(cmd, "the exec's process").map_err(|e| {
             let _ = std::fs::remove_file(&path);
-            bail!("cannot exec in container \"{}\": {e}", args.id);
-        }
+            anyhow!("cannot exec in container \"{}\": {e}", args.id)
+        })?;
         if let Some(pid_file) = &args.pid_file {
             write_pid_file(pid_file, child.id() as i32)?;
         }
@@ -64,11 +57,7 @@ pub fn run(global: &GlobalArgs, args: &ExecArgs) -> anyhow::Result<i32> {
     let vsock = container.vsock_path();
     drop(container);
     signals::block_forwarded();
-    let mode = match (&args.console_socket, terminal) {
-        (Some(socket), true) => TerminalMode::ConsoleSocket(socket.clone()),
-        (None, true) => TerminalMode::Inherit,
-        _ => TerminalMode::None,
-    };
+    let mode = TerminalMode::for_process(terminal, args.console_socket.as_deref());
     let session = start_exec(&client, &vsock, &args.id, &exec_id, &process, &mode, false)?;
     if let Some(pid_file) = &args.pid_file {
         write_pid_file(pid_file, std::process::id() as i32)?;
@@ -88,12 +77,10 @@ pub fn exec_process(global: &GlobalArgs, args: &ExecProcessArgs) -> i32 {
         let _ = std::fs::remove_file(&args.process);
         let vsock = vsock_path(&global.root.join(&args.id));
         let client = agent::connect(&vsock).map_err(|_| anyhow!(NOT_RUNNING))?;
-        let mode =
-            args.console_socket.clone().map_or(TerminalMode::None, TerminalMode::ConsoleSocket);
+        let terminal = process["terminal"].as_bool().unwrap_or(false);
+        // `exec` refused a terminal without a console socket.
+        let mode = TerminalMode::for_process(terminal, args.console_socket.as_deref());
         let session = start_exec(&client, &vsock, &args.id, &args.exec_id, &process, &mode, true)?;
-        if args.console_socket.is_some() {
-            crate::stdio::release_std_fds().context("cannot release the caller's stdio")?;
-        }
         anyhow::Ok((client, session))
     })();
     match started {

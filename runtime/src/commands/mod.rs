@@ -26,6 +26,14 @@ use crate::settings::{Overrides, Settings};
 /// The error runc gives (and containerd matches) for a container whose process is gone.
 pub const NOT_RUNNING: &str = "container not running";
 
+/// runc's --preserve-fds: no descriptor can be passed into a container's VM.
+pub fn refuse_preserved_fds(count: u32) -> anyhow::Result<()> {
+    if count > 0 {
+        return Err(anyhow!("--preserve-fds: descriptors cannot be passed into a container's VM"));
+    }
+    Ok(())
+}
+
 /// husk's settings with the global flags' overrides.
 pub fn settings(global: &GlobalArgs) -> anyhow::Result<Settings> {
     let overrides = Overrides { kernel: global.kernel.clone(), initrd: global.initrd.clone() };

@@ -3,12 +3,10 @@
 //! signals it gets go to the container, it exits with the container's status, and (as runc
 //! does, unless --keep) the container is deleted when it ends.
 
-use anyhow::anyhow;
-
 use crate::bundle::Bundle;
 use crate::cli::{GlobalArgs, RunArgs};
 use crate::commands::create::{self, check_console, new_record};
-use crate::commands::{delete, settings, start, write_pid_file};
+use crate::commands::{delete, refuse_preserved_fds, settings, start, write_pid_file};
 use crate::container::{process, Container, Status};
 use crate::session::TerminalMode;
 use crate::signals;
@@ -25,9 +23,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    if args.create.preserve_fds > 0 {
-        return Err(anyhow!("--preserve-fds: descriptors cannot be passed into a container's VM"));
-    }
+    refuse_preserved_fds(args.create.preserve_fds)?;
     signals::block_forwarded();
     let settings = settings(global)?;
     let container = Container::create(&global.root, &args.create.id)?;
@@ -36,11 +32,8 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<i32> {
         let bundle = Bundle::load(&args.create.bundle)?;
         check_console(bundle.terminal(), args.create.console_socket.is_some(), false)?;
         let mut record = new_record(&settings, &container, &bundle)?;
-        let terminal = match (&args.create.console_socket, bundle.terminal()) {
-            (Some(socket), true) => TerminalMode::ConsoleSocket(socket.clone()),
-            (None, true) => TerminalMode::Inherit,
-            _ => TerminalMode::None,
-        };
+        let terminal =
+            TerminalMode::for_process(bundle.terminal(), args.create.console_socket.as_deref());
         let created =
             boot_and_create(&settings, container.dir(), &record, &bundle, &terminal, false)?;
         record.pid = std::process::id() as i32;
