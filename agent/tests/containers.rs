@@ -94,7 +94,7 @@ fn security_settings_apply() {
     std::fs::write(rootfs.path().join("etc/secrets/key"), "hidden").unwrap();
     let script = "grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; \
                   wc -c < /etc/secret; ls /etc/secrets | wc -l; \
-                  echo 3 > /proc/sys/vm/drop_caches || echo ro-sys; \
+                  echo 3 > /proc/sys/vm/drop_caches || echo ro-sys; cat /proc/sys/kernel/msgmax; \
                   touch /written && echo rw-root; \
                   ls -l /dev/null | cut -c1-10";
     let mut s = spec(process(&["sh", "-c", script]));
@@ -102,13 +102,15 @@ fn security_settings_apply() {
         .as_array_mut()
         .unwrap()
         .extend([json!("/etc/secret"), json!("/etc/secrets")]);
+    // A sysctl of the container's own IPC namespace, written before /proc/sys turns read-only.
+    s["linux"]["sysctl"] = json!({"kernel.msgmax": "12345"});
     let (out, err, status) = agent.run("sec", &s, rootfs.path());
     // Docker's 14 default capabilities.
     let caps = "00000000a80425fb";
     assert_eq!(
         out,
         format!(
-            "CapEff:\t{caps}\nCapBnd:\t{caps}\nNoNewPrivs:\t1\n0\n0\nro-sys\nrw-root\ncrw-rw-rw-\n"
+            "CapEff:\t{caps}\nCapBnd:\t{caps}\nNoNewPrivs:\t1\n0\n0\nro-sys\n12345\nrw-root\ncrw-rw-rw-\n"
         ),
         "stderr: {err}"
     );

@@ -64,12 +64,44 @@ impl Bundle {
         if !rootfs.is_dir() {
             return Err(BundleError::NoRootfs(rootfs.display().to_string()));
         }
-        Ok(Bundle { dir, spec, oci, rootfs })
+        let bundle = Bundle { dir, spec, oci, rootfs };
+        bundle.refuse_shared_binds()?;
+        Ok(bundle)
     }
 
-    /// The network namespace the spec names by path (where Docker or CNI put a veth).
-    pub fn netns(&self) -> Option<PathBuf> {
-        crate::network::netns_path(&self.oci).map(Path::to_path_buf)
+    /// The spec's bind mounts: (source, destination).
+    fn binds(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mounts = self.spec["mounts"].as_array().map(Vec::as_slice).unwrap_or_default();
+        mounts
+            .iter()
+            .filter(|m| {
+                m["type"].as_str() == Some("bind")
+                    || m["options"].as_array().is_some_and(|o| {
+                        o.iter().any(|o| o.as_str() == Some("bind") || o.as_str() == Some("rbind"))
+                    })
+            })
+            .filter_map(|m| Some((m["source"].as_str()?, m["destination"].as_str().unwrap_or(""))))
+    }
+
+    /// Refuse bind mounts of anything but small host files (which go in as copies, see
+    /// [`Bundle::host_files`]): a host directory or device cannot reach the guest without a
+    /// shared file system, and the same path inside the guest would be another one.
+    fn refuse_shared_binds(&self) -> Result<(), BundleError> {
+        for (source, destination) in self.binds() {
+            let shareable = std::fs::metadata(source)
+                .map(|meta| meta.is_file() && meta.len() <= MAX_HOST_FILE)
+                .unwrap_or(false);
+            if !shareable {
+                return Err(BundleError::Invalid(format!(
+                    "cannot bind-mount {source} at {destination}: husk runs the container in a \
+                     VM, and bind mounts and volumes of host directories need a shared file \
+                     system, which husk does not have yet (only host files of up to {} KiB are \
+                     copied in)",
+                    MAX_HOST_FILE >> 10
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the spec asks for a read-only root.
@@ -111,25 +143,10 @@ impl Bundle {
     }
 
     /// The small host files the spec bind-mounts (Docker's resolv.conf, hosts, hostname), which
-    /// go to the guest as copies. Other bind sources are left for the agent to refuse.
+    /// go to the guest as copies (`load` refused every other bind source).
     pub fn host_files(&self) -> Vec<(String, Vec<u8>)> {
-        let mounts = self.spec["mounts"].as_array().cloned().unwrap_or_default();
-        mounts
-            .iter()
-            .filter(|m| {
-                m["type"].as_str() == Some("bind")
-                    || m["options"].as_array().is_some_and(|o| {
-                        o.iter().any(|o| o.as_str() == Some("bind") || o.as_str() == Some("rbind"))
-                    })
-            })
-            .filter_map(|m| m["source"].as_str())
-            .filter_map(|source| {
-                let meta = std::fs::metadata(source).ok()?;
-                if !meta.is_file() || meta.len() > MAX_HOST_FILE {
-                    return None;
-                }
-                Some((source.to_string(), std::fs::read(source).ok()?))
-            })
+        self.binds()
+            .filter_map(|(source, _)| Some((source.to_string(), std::fs::read(source).ok()?)))
             .collect()
     }
 }
@@ -158,6 +175,14 @@ fn check(spec: &Value) -> Result<(), BundleError> {
     match process["cwd"].as_str() {
         Some(cwd) if cwd.starts_with('/') => {}
         _ => return invalid("process.cwd must be an absolute path"),
+    }
+    for stage in ["createContainer", "startContainer"] {
+        if spec["hooks"][stage].as_array().is_some_and(|hooks| !hooks.is_empty()) {
+            return Err(BundleError::Invalid(format!(
+                "husk cannot run {stage} hooks: they run in the container's namespaces, which \
+                 are inside its VM"
+            )));
+        }
     }
     Ok(())
 }
@@ -197,8 +222,42 @@ mod tests {
         no_args["process"]["args"] = json!([]);
         let d = bundle_with(Some(&no_args.to_string()), true);
         assert!(Bundle::load(d.path()).unwrap_err().to_string().contains("process.args"));
-        let d = bundle_with(Some(&good().to_string()), true);
+        let mut in_guest_hook = good();
+        in_guest_hook["hooks"] = json!({"createContainer": [{"path": "/bin/true"}]});
+        let d = bundle_with(Some(&in_guest_hook.to_string()), true);
+        let e = Bundle::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("cannot run createContainer hooks"), "{e}");
+        let mut host_hooks = good();
+        host_hooks["hooks"] = json!({"prestart": [{"path": "/bin/true"}], "createContainer": []});
+        let d = bundle_with(Some(&host_hooks.to_string()), true);
         assert!(Bundle::load(d.path()).is_ok());
+    }
+
+    #[test]
+    fn only_small_host_files_can_be_bind_mounted() {
+        let d = bundle_with(None, true);
+        let file = d.path().join("hosts");
+        std::fs::write(&file, "127.0.0.1 localhost\n").unwrap();
+        let big = d.path().join("big");
+        std::fs::write(&big, vec![0u8; MAX_HOST_FILE as usize + 1]).unwrap();
+        let with_bind = |source: &Path, options: Value| {
+            let mut spec = good();
+            spec["mounts"] = json!([{"destination": "/data", "type": "none",
+                                      "source": source, "options": options}]);
+            std::fs::write(d.path().join("config.json"), spec.to_string()).unwrap();
+            Bundle::load(d.path())
+        };
+        let bundle = with_bind(&file, json!(["rbind", "ro"])).unwrap();
+        assert_eq!(
+            bundle.host_files(),
+            [(file.display().to_string(), b"127.0.0.1 localhost\n".to_vec())]
+        );
+        for source in [d.path(), &big, Path::new("/no/such/dir")] {
+            let e = with_bind(source, json!(["bind"])).unwrap_err().to_string();
+            assert!(e.contains("at /data") && e.contains("need a shared file system"), "{e}");
+        }
+        // A mount that is not a bind is the guest's own.
+        assert!(with_bind(d.path(), json!(["nosuid"])).is_ok());
     }
 
     #[test]

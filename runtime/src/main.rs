@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod console;
 mod container;
+mod hooks;
 mod logging;
 mod network;
 mod rootfs_image;

@@ -5,6 +5,7 @@
 //! (`husk vm-process`) and returns once the container is created; `run` without --detach is
 //! one itself.
 
+use std::fs::File;
 use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,7 +22,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::agent::{self, ctx, describe};
 use crate::bundle::Bundle;
 use crate::container::{console_path, vsock_path, Record};
-use crate::network::{self, GuestNetwork, Network};
+use crate::hooks::{self, Stage};
+use crate::network::{self, GuestNetwork, Network, NetworkRecord, Placement};
 use crate::session::{Session, TerminalMode};
 use crate::settings::Settings;
 
@@ -62,6 +64,8 @@ pub struct CreatedContainer {
     pub client: AgentClient,
     session: Session,
     vm: VmHandle,
+    /// What to undo in the network namespace once the VM is gone.
+    network: Option<NetworkRecord>,
 }
 
 /// Boot the VM for `record`'s container from `bundle` and create the container in it, with its
@@ -75,7 +79,7 @@ pub fn boot_and_create(
     control_tty: bool,
 ) -> anyhow::Result<CreatedContainer> {
     let vsock = vsock_path(dir);
-    let network = set_up_network(dir, bundle)?;
+    let network = join_network(dir, record, bundle)?;
     let config = VmConfig {
         kernel: settings.kernel.clone(),
         initrd: Some(settings.initrd.clone()),
@@ -111,21 +115,39 @@ pub fn boot_and_create(
     }
     create_container(&client, record, bundle)?;
     let session = Session::attach(client.clone(), &vsock, &record.id, "", terminal, control_tty)?;
-    Ok(CreatedContainer { client, session, vm })
+    Ok(CreatedContainer { client, session, vm, network: network.map(|n| n.record) })
 }
 
-/// Take over the interfaces of the spec's network namespace (see `network`), record that for
-/// `delete`, and move this process into the namespace, where the VMM opens the taps.
-fn set_up_network(dir: &Path, bundle: &Bundle) -> anyhow::Result<Option<Network>> {
-    let Some(netns) = bundle.netns() else { return Ok(None) };
+/// Put this process (its main thread: the VMM's threads start from it) where the spec puts
+/// the container's network: a new network namespace, or the spec's. Run the prestart and
+/// createRuntime hooks there, with this process's pid (they may fill the namespace: Docker's
+/// libnetwork moves the veth in). Then take over the namespace's interfaces (see `network`),
+/// and record that for `delete`.
+fn join_network(dir: &Path, record: &Record, bundle: &Bundle) -> anyhow::Result<Option<Network>> {
+    let host_netns =
+        File::open("/proc/self/ns/net").context("cannot open husk's network namespace")?;
+    let netns = match network::placement(&bundle.oci) {
+        Placement::Host => None,
+        Placement::New => Some(network::unshare_netns()?),
+        Placement::Path(path) => {
+            network::enter_netns(path).with_context(|| {
+                format!("cannot enter the network namespace {}", path.display())
+            })?;
+            Some(path.to_path_buf())
+        }
+    };
+    let mut state = record.to_oci_state();
+    state["pid"] = std::process::id().into();
+    for stage in [Stage::Prestart, Stage::CreateRuntime] {
+        hooks::run(&bundle.oci, stage, &state, Some(&host_netns))?;
+    }
+    let Some(netns) = netns else { return Ok(None) };
     let Some(network) = network::setup(&netns)
         .with_context(|| format!("cannot set up the network of {}", netns.display()))?
     else {
         return Ok(None);
     };
     network::save_record(dir, &network.record)?;
-    network::enter_netns(&netns)
-        .with_context(|| format!("cannot enter the network namespace {}", netns.display()))?;
     Ok(Some(network))
 }
 
@@ -226,6 +248,13 @@ impl CreatedContainer {
             }
         };
         drop(self.vm);
+        // Undo the network set-up now, while the namespace is surely there: a new one may
+        // outlive this process (Docker holds it) and `delete` finds it through our pid.
+        if let Some(record) = &self.network {
+            if let Err(e) = network::teardown(record) {
+                log::warn!("cannot undo the container's network set-up: {e}");
+            }
+        }
         code
     }
 }

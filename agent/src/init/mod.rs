@@ -97,6 +97,7 @@ fn run(chan: &Channel, pidfd: Option<OwnedFd>) -> Result<Infallible, String> {
                 let path = Path::new("/proc/sys").join(key.replace('.', "/"));
                 std::fs::write(&path, value).map_err(|e| format!("sysctl {key}={value}: {e}"))?;
             }
+            rootfs::lock_down(c)?;
         }
         Setup::Exec { namespaces } => {
             let pidfd = pidfd.ok_or("an exec needs the container process's pidfd")?;

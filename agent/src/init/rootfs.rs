@@ -18,7 +18,7 @@ use super::mounts::{kept_flags, mount, parse_options, propagation, resolve_in_ro
 use crate::container::spec::Ns;
 
 /// Set up the root file system and switch to it. `cgroup` is the container's cgroup directory
-/// (for a `cgroup` mount without a cgroup namespace).
+/// (for a `cgroup` mount without a cgroup namespace). [`lock_down`] finishes it.
 pub fn setup(c: &CreateSetup, cgroup: &Path) -> Result<(), String> {
     // Nothing mounted from here on may propagate back to the agent's namespace.
     mount(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
@@ -65,8 +65,15 @@ pub fn setup(c: &CreateSetup, cgroup: &Path) -> Result<(), String> {
         }
     }
 
-    pivot_root(&root)?;
+    pivot_root(&root)
+}
 
+/// After the hostname and sysctls are set (through /proc/sys, which is usually one of the
+/// read-only paths), as runc orders it: mask and make read-only the spec's paths, set the
+/// root's propagation, and make the root read-only if asked.
+pub fn lock_down(c: &CreateSetup) -> Result<(), String> {
+    let spec = &c.spec;
+    let linux = spec.linux().as_ref();
     for p in linux.and_then(|l| l.masked_paths().as_ref()).into_iter().flatten() {
         mask(Path::new(p))?;
     }

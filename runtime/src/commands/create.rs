@@ -70,7 +70,7 @@ pub fn new_record(
     container.save(&record)?;
     // `exec` builds its processes from the spec's process, as runc does; the bundle may be
     // gone by then.
-    let spec_path = container.dir().join("config.json");
+    let spec_path = container.spec_path();
     std::fs::write(&spec_path, serde_json::to_vec(&bundle.spec)?)
         .with_context(|| format!("writing {}", spec_path.display()))?;
     Ok(record)

@@ -1,5 +1,6 @@
 //! `husk delete`: remove a stopped (or, as runc does, a created) container and every trace of
-//! it: its VM process, its state directory with the VM's socket, console log and disk image.
+//! it: its VM process, its state directory with the VM's socket, console log and disk image;
+//! and it runs the container's poststop hooks.
 //! `--force` kills a running one first. Works after a `kill -9` of the VM process too.
 
 use std::time::Duration;
@@ -8,6 +9,7 @@ use anyhow::{anyhow, bail, Context};
 
 use crate::cli::{DeleteArgs, GlobalArgs};
 use crate::container::{process, Container, StateError, Status};
+use crate::hooks::{self, Stage};
 use crate::network;
 use crate::rootfs_image::RootfsImages;
 
@@ -55,8 +57,12 @@ pub fn clean_up(container: Container) -> anyhow::Result<()> {
     if let Some(record) = network::load_record(container.dir())? {
         network::teardown(&record).context("cannot undo the container's network set-up")?;
     }
-    if let Ok(record) = container.load() {
+    if let Ok(mut record) = container.load() {
         RootfsImages::release(&record.image.path)?;
+        if let Some(spec) = container.spec() {
+            record.status = Status::Stopped;
+            hooks::run_warning(&spec, Stage::Poststop, &record.to_oci_state());
+        }
     }
     Ok(container.destroy()?)
 }

@@ -31,7 +31,7 @@ pub fn run(global: &GlobalArgs, args: &ExecArgs) -> anyhow::Result<i32> {
         _ => {}
     }
     let client = agent_of(&container, &record, &[Status::Created, Status::Running])?;
-    let process = process(args, &container.dir().join("config.json"))?;
+    let process = process(args, &container.spec_path())?;
     let terminal = process["terminal"].as_bool().unwrap_or(false);
     check_console(terminal, args.console_socket.is_some(), args.detach)?;
     let exec_id = new_exec_id();

@@ -1,5 +1,7 @@
-//! `husk ps`: the processes of a container, as the guest sees them (pids are the guest's: the
-//! container's processes do not exist on the host).
+//! `husk ps`: the processes of a container. The table shows them as the guest sees them (the
+//! pids are the guest's: the container's processes do not exist on the host). `--format json`
+//! is what containerd's shim reads, and Docker's `top` looks its pids up in the host's `ps`:
+//! it lists the container's host process, the VM process, as Kata Containers' shim does.
 
 use anyhow::anyhow;
 use husk_agent_protocol::agent as pb;
@@ -16,29 +18,25 @@ pub fn run(global: &GlobalArgs, args: &PsArgs) -> anyhow::Result<()> {
     let client =
         agent_of(&container, &record, &[Status::Created, Status::Running, Status::Paused])?;
     drop(container);
+    if args.format == Format::Json {
+        println!("{}", serde_json::to_string(&[record.pid])?);
+        return Ok(());
+    }
     let mut req = pb::ListProcessesRequest::new();
     req.container_id = args.id.clone();
     let list = client
         .list_processes(ctx(), &req)
         .map_err(|e| anyhow!("listing the processes of \"{}\": {}", args.id, describe(&e)))?;
-    match args.format {
-        Format::Json => {
-            let pids: Vec<i32> = list.processes.iter().map(|p| p.pid).collect();
-            println!("{}", serde_json::to_string(&pids)?);
-        }
-        Format::Table => {
-            let mut rows = vec![["UID", "PID", "PPID", "STAT", "CMD"].map(String::from).to_vec()];
-            for p in &list.processes {
-                rows.push(vec![
-                    p.uid.to_string(),
-                    p.pid.to_string(),
-                    p.ppid.to_string(),
-                    p.state.clone(),
-                    p.args.join(" "),
-                ]);
-            }
-            print!("{}", table(&rows));
-        }
+    let mut rows = vec![["UID", "PID", "PPID", "STAT", "CMD"].map(String::from).to_vec()];
+    for p in &list.processes {
+        rows.push(vec![
+            p.uid.to_string(),
+            p.pid.to_string(),
+            p.ppid.to_string(),
+            p.state.clone(),
+            p.args.join(" "),
+        ]);
     }
+    print!("{}", table(&rows));
     Ok(())
 }

@@ -46,6 +46,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<i32> {
         created.start(&id)?;
         record.status = Status::Running;
         container.save(&record)?;
+        start::poststart(&container, &record);
         anyhow::Ok(created)
     })();
     let created = match created {

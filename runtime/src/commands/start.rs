@@ -1,4 +1,4 @@
-//! `husk start`: run the process of a created container.
+//! `husk start`: run the process of a created container, then its poststart hooks.
 
 use anyhow::anyhow;
 use husk_agent_protocol::agent as pb;
@@ -6,7 +6,8 @@ use husk_agent_protocol::agent as pb;
 use crate::agent::{ctx, describe};
 use crate::cli::GlobalArgs;
 use crate::commands::{agent_of, NOT_RUNNING};
-use crate::container::{Container, Status};
+use crate::container::{Container, Record, Status};
+use crate::hooks::{self, Stage};
 
 pub fn run(global: &GlobalArgs, id: &str) -> anyhow::Result<()> {
     let container = Container::open(&global.root, id)?;
@@ -28,5 +29,13 @@ pub fn run(global: &GlobalArgs, id: &str) -> anyhow::Result<()> {
     })?;
     record.status = Status::Running;
     container.save(&record)?;
+    poststart(&container, &record);
     Ok(())
+}
+
+/// Run the poststart hooks of a container whose process started.
+pub fn poststart(container: &Container, record: &Record) {
+    if let Some(spec) = container.spec() {
+        hooks::run_warning(&spec, Stage::Poststart, &record.to_oci_state());
+    }
 }

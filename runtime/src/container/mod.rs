@@ -143,6 +143,18 @@ impl Container {
         load(&self.dir, &self.id)
     }
 
+    /// The copy of the bundle's config.json that `create` keeps: `exec` builds processes from
+    /// it and the hooks come from it after the bundle may be gone.
+    pub fn spec_path(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// The kept spec, typed; `None` when it is missing or unreadable (a create that died
+    /// early).
+    pub fn spec(&self) -> Option<oci_spec::runtime::Spec> {
+        serde_json::from_slice(&std::fs::read(self.spec_path()).ok()?).ok()
+    }
+
     /// Write `state.json` atomically (a temporary file renamed over it).
     pub fn save(&self, record: &Record) -> Result<(), StateError> {
         let path = self.dir.join("state.json");

@@ -2,7 +2,8 @@
 //! CNI plugin put into the container's network namespace, as Kata Containers' "tcfilter"
 //! model does.
 //!
-//! When the OCI spec names a network namespace by path ([`netns_path`]), [`setup`]:
+//! When the OCI spec names a network namespace by path, or the VM process made a new one that
+//! Docker's prestart hook filled ([`placement`]), [`setup`]:
 //! 1. inspects it: every interface that is up, not loopback, Ethernet-like, not a tap, and has
 //!    an IPv4 address (normally the one veth) is taken, with its MAC, MTU, IPv4 addresses and
 //!    the main table's IPv4 routes through it;
@@ -144,6 +145,8 @@ pub enum NetworkError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot create a network namespace")]
+    Unshare(#[source] io::Error),
     #[error("{} is not a network namespace", .path.display())]
     NotANetns {
         path: PathBuf,
@@ -181,12 +184,44 @@ pub enum NetworkError {
     IngressBusy { veth: String, netns: PathBuf },
 }
 
-/// The network namespace the spec names by path, if any. A network namespace without a path
-/// would be a new, empty one: the guest's loopback is all it could hold.
-pub fn netns_path(spec: &Spec) -> Option<&Path> {
-    let namespaces = spec.linux().as_ref()?.namespaces().as_ref()?;
-    let network = namespaces.iter().find(|ns| ns.typ() == LinuxNamespaceType::Network)?;
-    network.path().as_deref()
+/// Where the spec puts the container's network.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Placement<'a> {
+    /// No network namespace: the host's network (the guest has loopback only).
+    Host,
+    /// A network namespace without a path: a new one, which the VM process makes for itself
+    /// ([`unshare_netns`]) and which the prestart hooks (Docker's libnetwork) fill.
+    New,
+    /// The namespace at this path, where a CNI plugin or the caller put a veth.
+    Path(&'a Path),
+}
+
+/// Where `spec` puts the container's network.
+pub fn placement(spec: &Spec) -> Placement<'_> {
+    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    let network = namespaces.and_then(|namespaces| {
+        namespaces.iter().find(|ns| ns.typ() == LinuxNamespaceType::Network)
+    });
+    match network {
+        None => Placement::Host,
+        Some(ns) => ns.path().as_deref().map_or(Placement::New, Placement::Path),
+    }
+}
+
+/// Move the calling thread, which must be the process's main thread, into a new network
+/// namespace for good; returns the namespace's path through the process
+/// (`/proc/<pid>/ns/net`), which is what hooks and [`setup`] are given.
+pub fn unshare_netns() -> Result<PathBuf, NetworkError> {
+    let pid = std::process::id();
+    // SAFETY: gettid has no arguments and no memory effects.
+    if unsafe { libc::gettid() } as u32 != pid {
+        return Err(NetworkError::Unshare(io::Error::other("not called on the main thread")));
+    }
+    // SAFETY: unshare with CLONE_NEWNET changes only the calling thread's network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(NetworkError::Unshare(io::Error::last_os_error()));
+    }
+    Ok(PathBuf::from(format!("/proc/{pid}/ns/net")))
 }
 
 /// Move the calling thread into the network namespace at `netns` for good: the VM process

@@ -150,17 +150,17 @@ fn in_netns<T: Send + 'static>(path: &Path, work: impl FnOnce() -> T + Send + 's
 }
 
 #[test]
-fn netns_path_comes_from_the_spec() {
+fn the_network_placement_comes_from_the_spec() {
     let spec = |namespaces: &str| -> Spec {
         let json = format!(r#"{{"ociVersion": "1.0.2", "linux": {{"namespaces": {namespaces}}}}}"#);
         serde_json::from_str(&json).unwrap()
     };
     let joined = spec(r#"[{"type": "pid"}, {"type": "network", "path": "/proc/42/ns/net"}]"#);
-    assert_eq!(netns_path(&joined), Some(Path::new("/proc/42/ns/net")));
-    assert_eq!(netns_path(&spec(r#"[{"type": "pid"}, {"type": "network"}]"#)), None);
-    assert_eq!(netns_path(&spec(r#"[{"type": "pid"}]"#)), None);
+    assert_eq!(placement(&joined), Placement::Path(Path::new("/proc/42/ns/net")));
+    assert_eq!(placement(&spec(r#"[{"type": "pid"}, {"type": "network"}]"#)), Placement::New);
+    assert_eq!(placement(&spec(r#"[{"type": "pid"}]"#)), Placement::Host);
     let no_linux: Spec = serde_json::from_str(r#"{"ociVersion": "1.0.2"}"#).unwrap();
-    assert_eq!(netns_path(&no_linux), None);
+    assert_eq!(placement(&no_linux), Placement::Host);
 }
 
 #[test]
