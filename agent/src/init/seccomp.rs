@@ -121,10 +121,10 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Filter, String> {
             return Err(format!("seccomp: argument index {} (0 to 5)", a.index()));
         }
         for name in rule.names() {
-            let Some(nr) = syscalls::number(name) else {
-                eprintln!("husk-agent init: seccomp: unknown system call {name}, skipped");
-                continue;
-            };
+            // Names of other architectures (Docker's profile lists i386 ones) are skipped
+            // silently, as libseccomp does for runc: this runs in the container's helper,
+            // whose stderr is the container's.
+            let Some(nr) = syscalls::number(name) else { continue };
             let entry = calls.entry(nr).or_default();
             if args.is_empty() {
                 entry.unconditional.get_or_insert(ret);

@@ -75,6 +75,10 @@ pub fn write_pid_file(path: &std::path::Path, pid: i32) -> anyhow::Result<()> {
 /// since; /proc/self/exe is the one running).
 pub fn self_command(global: &GlobalArgs) -> std::process::Command {
     let mut cmd = std::process::Command::new("/proc/self/exe");
+    // Named as this binary, not /proc/self/exe, in ps and `docker top`.
+    if let Ok(exe) = std::env::current_exe() {
+        std::os::unix::process::CommandExt::arg0(&mut cmd, exe);
+    }
     cmd.arg("--root").arg(&global.root);
     if let Some(log) = &global.log {
         cmd.arg("--log").arg(log);
