@@ -191,9 +191,14 @@ fn exec_ps_pause_resume_kill_all_and_delete_force() {
     let exec_pid: i32 = std::fs::read_to_string(&exec_pid_file).unwrap().trim().parse().unwrap();
     let pids: Vec<i32> =
         serde_json::from_str(&husk.ok(&["ps", "--format", "json", "box"])).unwrap();
-    assert_eq!(pids.len(), 2, "sleep 1000 and the exec'd sleep 999: {pids:?}");
+    assert_eq!(
+        pids,
+        [husk.state("box")["pid"].as_i64().unwrap() as i32],
+        "the VM process, for docker top"
+    );
     let table = husk.ok(&["ps", "box"]);
     assert!(table.starts_with("UID") && table.contains("sleep 999"), "{table}");
+    assert!(table.contains("sleep 1000"), "the guest's processes: {table}");
 
     husk.ok(&["pause", "box"]);
     assert_eq!(husk.state("box")["status"], "paused");
@@ -396,5 +401,70 @@ fn a_container_in_a_network_namespace_reaches_outside_through_the_tap() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"), "filters are gone");
+    husk.assert_nothing_left();
+}
+
+/// A hook script line that takes the state from stdin: `$pid` and `$status`.
+const READ_STATE: &str = r#"state=$(cat); pid=$(echo "$state" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'); status=$(echo "$state" | sed -n 's/.*"status":"\([a-z]*\)".*/\1/p')"#;
+
+#[test]
+fn hooks_run_in_order_and_prestart_fills_a_new_network_namespace_as_docker_does() {
+    let husk = Husk::new();
+    let log = husk.dir().join("hooks.log");
+    let log = log.to_str().unwrap();
+    // As Docker's libnetwork-setkey: from the pid in the state, put a veth into the
+    // container's namespace and configure it there.
+    let prestart = format!(
+        "{READ_STATE}; echo \"prestart $status $(readlink /proc/self/ns/net) \
+         $(readlink /proc/$pid/ns/net)\" >> {log}; \
+         ip link add hk-h2 type veth peer name eth0 netns $pid && \
+         ip addr add 10.201.0.1/24 dev hk-h2 && ip link set hk-h2 up && \
+         nsenter --net=/proc/$pid/ns/net sh -c 'ip addr add 10.201.0.2/24 dev eth0 && \
+         ip link set eth0 up && ip route add default via 10.201.0.1'"
+    );
+    let stage = |name: &str| {
+        json!({"path": "/bin/sh", "args": ["sh", "-c", format!("{READ_STATE}; echo \"{name} $status\" >> {log}")],
+               "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]})
+    };
+    let mut config = spec(process(&[
+        "sh",
+        "-c",
+        "ip addr show eth0; echo hello through the hook | nc 10.201.0.1 18081",
+    ]));
+    config["hooks"] = json!({
+        "prestart": [{"path": "/bin/sh", "args": ["sh", "-c", prestart],
+                      "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]}],
+        "createRuntime": [stage("createRuntime")],
+        "poststart": [stage("poststart")],
+        "poststop": [stage("poststop")],
+    });
+    let listener = std::net::TcpListener::bind("0.0.0.0:18081").unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        (peer, got)
+    });
+    let bundle = husk.bundle_with("hooks", config);
+    let out = husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), "hooks"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", husk.logs());
+    assert!(stdout.contains("10.201.0.2/24"), "the guest NIC has the veth's address: {stdout}");
+    let (peer, got) = server.join().unwrap();
+    assert_eq!(got, "hello through the hook\n");
+    assert_eq!(peer.ip().to_string(), "10.201.0.2");
+
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let ours = ours.to_str().unwrap();
+    let lines: Vec<String> =
+        std::fs::read_to_string(log).unwrap().lines().map(String::from).collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let prestart: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(prestart[..3], ["prestart", "creating", ours], "prestart runs in husk's namespace");
+    assert_ne!(prestart[3], ours, "the VM process is in a new namespace: {lines:?}");
+    assert_eq!(lines[1..], ["createRuntime creating", "poststart running", "poststop stopped"]);
+    // The namespace went with the VM process, and the veth pair with it.
+    let link = std::process::Command::new("ip").args(["link", "show", "hk-h2"]).output().unwrap();
+    assert!(!link.status.success(), "the host end of the veth is gone");
     husk.assert_nothing_left();
 }
