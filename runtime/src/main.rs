@@ -9,6 +9,7 @@ mod commands;
 mod console;
 mod container;
 mod hooks;
+mod host_cgroup;
 mod logging;
 mod network;
 mod rootfs_image;

@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context};
 use husk_agent_protocol::agent as pb;
 use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::hybrid_vsock::SocketPath;
 use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;
 use vmm::devices::virtio::vsock::VsockConfig;
@@ -23,6 +24,7 @@ use crate::agent::{self, ctx, describe};
 use crate::bundle::Bundle;
 use crate::container::{console_path, vsock_path, Record};
 use crate::hooks::{self, Stage};
+use crate::host_cgroup;
 use crate::network::{self, GuestNetwork, Network, NetworkRecord, Placement};
 use crate::session::{Session, TerminalMode};
 use crate::settings::Settings;
@@ -38,6 +40,8 @@ const ROOTFS_DEVICE: &str = "/dev/vda";
 struct VmHandle {
     stop: EventFd,
     thread: Option<JoinHandle<Result<VmOutcome, VmmError>>>,
+    /// The path the VMM has its vsock socket at, valid while this lives.
+    _vsock: SocketPath,
 }
 
 impl VmHandle {
@@ -79,6 +83,10 @@ pub fn boot_and_create(
     control_tty: bool,
 ) -> anyhow::Result<CreatedContainer> {
     let vsock = vsock_path(dir);
+    // Under Docker's state directories the socket's path is too long for a socket address.
+    let vsock_socket = SocketPath::new(&vsock)
+        .with_context(|| format!("cannot open the container's directory {}", dir.display()))?;
+    host_cgroup::join(&bundle.oci);
     let network = join_network(dir, record, bundle)?;
     let config = VmConfig {
         kernel: settings.kernel.clone(),
@@ -92,7 +100,10 @@ pub fn boot_and_create(
         },
         disks: vec![BlockConfig { path: record.image.path.clone(), read_only: true, id: None }],
         nets: network.as_ref().map(Network::net_configs).unwrap_or_default(),
-        vsock: Some(VsockConfig { guest_cid: GUEST_CID, uds_path: vsock.clone() }),
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: vsock_socket.path().to_path_buf(),
+        }),
     };
     let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
     let stop = vm.stop_event().context("cannot create the VM's stop event")?;
@@ -100,7 +111,7 @@ pub fn boot_and_create(
         .name("vmm".into())
         .spawn(move || vm.run())
         .context("cannot start the VMM thread")?;
-    let vm = VmHandle { stop, thread: Some(thread) };
+    let vm = VmHandle { stop, thread: Some(thread), _vsock: vsock_socket };
     let client =
         agent::wait_ready(&vsock, settings.boot_timeout, || vm.running()).ok_or_else(|| {
             anyhow!(

@@ -41,9 +41,10 @@ impl Husk {
         Husk { dir, rootfs: busybox_rootfs() }
     }
 
-    /// The state root.
+    /// The state root: as long as Docker's (`/run/docker/runtime-runc/moby`, then a 64-digit
+    /// id), so that its sockets' paths are longer than a socket address holds.
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.dir.path().join("root").join("r".repeat(72))
     }
 
     /// The JSON log every command writes to.

@@ -4,9 +4,10 @@
 //! A refusal (no listener on the port) is EOF instead of the `OK` line.
 
 use std::io::{self, Write};
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::line::{read_line, LineError};
 use crate::stream::{StreamError, StreamHeader, StreamKind};
@@ -46,10 +47,50 @@ pub enum ConnectError {
 /// Connect to the guest's vsock `port` through the VMM's hybrid vsock socket `uds`: the returned
 /// stream is the connection to the guest's listener.
 pub fn connect(uds: &Path, port: u32) -> Result<UnixStream, ConnectError> {
-    let mut stream = UnixStream::connect(uds)
+    let mut stream = connect_unix(uds)
         .map_err(|source| ConnectError::Socket { path: uds.display().to_string(), source })?;
     handshake(&mut stream, port)?;
     Ok(stream)
+}
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// A Unix socket's path in a form that fits a socket address, also when the path itself is
+/// longer (Docker's state directories make such paths): then through its directory, held open
+/// here, as `/proc/self/fd/<fd>/<name>`. Valid for binding and connecting in this process while
+/// this lives.
+pub struct SocketPath {
+    path: PathBuf,
+    _dir: Option<std::fs::File>,
+}
+
+impl SocketPath {
+    pub fn new(path: &Path) -> io::Result<Self> {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Ok(SocketPath { path: path.into(), _dir: None });
+        };
+        if path.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Ok(SocketPath { path: path.into(), _dir: None });
+        }
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)?;
+        let mut short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        short.push(name);
+        Ok(SocketPath { path: short, _dir: Some(dir) })
+    }
+
+    /// The path to bind or connect to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Connect to the Unix socket at `path`, however long (see [`SocketPath`]).
+pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
+    UnixStream::connect(SocketPath::new(path)?.path())
 }
 
 /// The `CONNECT` handshake on an already-connected stream to the VMM's socket.
@@ -158,5 +199,27 @@ mod tests {
 
         let err = connect(&dir.path().join("missing"), 7).unwrap_err();
         assert!(matches!(err, ConnectError::Socket { .. }), "{err}");
+    }
+
+    #[test]
+    fn sockets_with_paths_longer_than_an_address_holds() {
+        let top = TempDir::new("protocol-long");
+        let dir = top.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vsock.sock");
+        assert!(path.as_os_str().len() > MAX_SOCKET_PATH);
+        assert!(UnixListener::bind(&path).is_err(), "too long for a plain bind");
+        let short = SocketPath::new(&path).unwrap();
+        assert!(short.path().starts_with("/proc/self/fd/"));
+        let listener = UnixListener::bind(short.path()).unwrap();
+        assert!(path.exists(), "the socket is in its directory");
+        let mut client = connect_unix(&path).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        let plain = dir.parent().unwrap().join("s");
+        assert_eq!(SocketPath::new(&plain).unwrap().path(), plain, "short paths stay as they are");
     }
 }

@@ -1,5 +1,6 @@
 //! `husk delete`: remove a stopped (or, as runc does, a created) container and every trace of
-//! it: its VM process, its state directory with the VM's socket, console log and disk image;
+//! it: its VM process, its host cgroup, its state directory with the VM's socket, console log
+//! and disk image;
 //! and it runs the container's poststop hooks.
 //! `--force` kills a running one first. Works after a `kill -9` of the VM process too.
 
@@ -10,6 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use crate::cli::{DeleteArgs, GlobalArgs};
 use crate::container::{process, Container, StateError, Status};
 use crate::hooks::{self, Stage};
+use crate::host_cgroup;
 use crate::network;
 use crate::rootfs_image::RootfsImages;
 
@@ -60,6 +62,7 @@ pub fn clean_up(container: Container) -> anyhow::Result<()> {
     if let Ok(mut record) = container.load() {
         RootfsImages::release(&record.image.path)?;
         if let Some(spec) = container.spec() {
+            host_cgroup::remove(&spec);
             record.status = Status::Stopped;
             hooks::run_warning(&spec, Stage::Poststop, &record.to_oci_state());
         }
