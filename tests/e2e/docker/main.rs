@@ -537,7 +537,7 @@ fn run_case(d: &Dockerd, rt: Runtime, case: fn(&Dockerd, Runtime)) -> Result<(),
     }
     let mut message = PANIC.lock().unwrap().take().unwrap_or_else(|| "the case panicked".into());
     if rt == Runtime::Husk {
-        message.push_str("\n");
+        message.push('\n');
         message.push_str(&d.husk_logs_since(since));
     }
     Err(message.into())
