@@ -265,7 +265,7 @@ impl Dockerd {
     }
 
     /// dockerd's `--exec-root`: its state, containerd's, and the runtimes' `--root`s.
-    pub fn exec_root(&self) -> PathBuf {
+    fn exec_root(&self) -> PathBuf {
         self.dir.path().join("exec-root")
     }
 
@@ -275,11 +275,6 @@ impl Dockerd {
 
     fn husk_cache(&self) -> PathBuf {
         self.dir.path().join("husk-cache")
-    }
-
-    /// A directory for a case's own files, removed with the daemon's.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Wait until dockerd answers `docker info`.
@@ -303,7 +298,7 @@ impl Dockerd {
     }
 
     /// dockerd's log (its last lines).
-    pub fn dockerd_log(&self) -> String {
+    fn dockerd_log(&self) -> String {
         let log = fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
