@@ -447,7 +447,8 @@ impl Dockerd {
         if !netns.is_empty() {
             problems.push(format!("network namespaces left under the exec root: {netns:?}"));
         }
-        // containerd's runc shim runs each runtime with `--root <exec-root>/runtime-<name>/moby`.
+        // containerd's runc shim runs each runtime with `--root <exec-root>/runtime-<name>/moby`;
+        // dockerd 20.10 gives husk runc's (runtime-runc), later ones its own.
         for runtime in ["husk", "runc"] {
             let root = self.exec_root().join(format!("runtime-{runtime}/moby"));
             let state = entries(&root);

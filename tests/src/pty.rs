@@ -47,8 +47,9 @@ impl Pty {
     }
 
     /// Start `cmd` in a new session with the slave side as its stdio and controlling terminal.
-    /// One program per pty.
-    pub fn spawn(&mut self, cmd: &mut Command) -> Child {
+    /// One program per pty. `cmd` is dropped here with this process's last slave descriptors, so
+    /// that the end of the program's output shows on the master side.
+    pub fn spawn(&mut self, mut cmd: Command) -> Child {
         let slave = self.slave.take().expect("one program per pty");
         cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))

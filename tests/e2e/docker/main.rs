@@ -232,6 +232,18 @@ fn stdin_stdout_stderr(d: &Dockerd, rt: Runtime) {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "on-stderr\n", "stderr");
 }
 
+/// Wait until `stty size` in the shell on `pty` shows `size`: the client sends its terminal's
+/// size (at start and on SIGWINCH) after the process has started, so it arrives a little later.
+fn wait_for_size(pty: &mut Pty, size: &str, what: &str) {
+    let deadline = Instant::now() + TTY_TIMEOUT;
+    let mut seen = pty.query("stty size", TTY_TIMEOUT);
+    while seen != size && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        seen = pty.query("stty size", TTY_TIMEOUT);
+    }
+    assert_eq!(seen, size, "{what}");
+}
+
 /// `docker run -it` and `docker exec -it` on a terminal: the container's process has a
 /// terminal of the terminal's size, follows a resize, echoes what is typed, and its exit code
 /// is the client's.
@@ -240,35 +252,28 @@ fn terminal_run_and_exec(d: &Dockerd, rt: Runtime) {
     let mut pty = Pty::open(50, 132);
     let mut run = d.docker(&[]);
     run.arg("run").args(rt.flags()).args(["-it", "--name", &c.name, BUSYBOX_IMAGE, "sh"]);
-    let mut client = pty.spawn(&mut run);
+    let mut client = pty.spawn(run);
     let tty = pty.query("tty", TTY_TIMEOUT);
     assert!(
         tty.starts_with("/dev/pts/") || tty == "/dev/console",
         "tty in docker run -it: {tty:?}"
     );
-    assert_eq!(pty.query("stty size", TTY_TIMEOUT), "50 132", "the terminal's size");
+    wait_for_size(&mut pty, "50 132", "the terminal's size");
     pty.resize(40, 100);
-    // The resize travels asynchronously (SIGWINCH, the client, dockerd, the runtime).
-    let deadline = Instant::now() + TTY_TIMEOUT;
-    let mut size = pty.query("stty size", TTY_TIMEOUT);
-    while size != "40 100" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        size = pty.query("stty size", TTY_TIMEOUT);
-    }
-    assert_eq!(size, "40 100", "the size after a resize");
+    wait_for_size(&mut pty, "40 100", "the size after a resize");
     pty.send("echo typed-$((6*7))\r");
     pty.expect("echo typed-$((6*7))", TTY_TIMEOUT);
     pty.expect("typed-42", TTY_TIMEOUT);
 
     let mut exec_pty = Pty::open(30, 90);
-    let mut exec = d.docker(&["exec", "-it", &c.name, "sh"]);
-    let mut exec_client = exec_pty.spawn(&mut exec);
+    let exec = d.docker(&["exec", "-it", &c.name, "sh"]);
+    let mut exec_client = exec_pty.spawn(exec);
     let tty = exec_pty.query("tty", TTY_TIMEOUT);
     assert!(
         tty.starts_with("/dev/pts/") || tty == "/dev/console",
         "tty in docker exec -it: {tty:?}"
     );
-    assert_eq!(exec_pty.query("stty size", TTY_TIMEOUT), "30 90", "the exec terminal's size");
+    wait_for_size(&mut exec_pty, "30 90", "the exec terminal's size");
     exec_pty.send("exit 5\r");
     assert_eq!(exec_pty.wait(&mut exec_client, TTY_TIMEOUT), 5, "docker exec -it's exit code");
 
