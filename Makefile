@@ -9,6 +9,10 @@ BUILD := build
 KERNEL ?= $(abspath ../shared/guest-kernel/vmlinux)
 TEST_INITRAMFS := $(BUILD)/test-initramfs.cpio.gz
 GUEST_IMAGE := $(BUILD)/guest-image.cpio.gz
+# A minimal Debian tree for the Docker suite's Debian image (the nested test host has no network,
+# so it is made here, once).
+DEBIAN_ROOTFS := $(BUILD)/debian-rootfs
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
 AGENT_MUSL := target/x86_64-unknown-linux-musl/release/husk-agent
 HUSK := target/release/husk
 NESTED := $(CURDIR)/tests/nested/run
@@ -20,8 +24,8 @@ HAVE_HW_KVM := $(shell grep -qwE 'vmx|svm' /proc/cpuinfo && [ -e /dev/kvm ] && e
 HAVE_CGROUP2_MEMORY := $(shell grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null && echo yes)
 
 
-.PHONY: deps all build husk test-initramfs guest-image check-kernel run test test-unit test-e2e test-agent-cgroups \
-	kernel install uninstall bench clean
+.PHONY: deps all build husk test-initramfs guest-image debian-rootfs check-kernel run test test-unit test-e2e \
+	test-agent-cgroups kernel install uninstall bench clean
 
 all: build
 
@@ -43,6 +47,17 @@ $(TEST_INITRAMFS): guest-image/build-test-initramfs.sh guest-image/test-initramf
 guest-image:
 	$(CARGO) build --release --target x86_64-unknown-linux-musl -p husk-agent
 	guest-image/build-guest-image.sh $(AGENT_MUSL) $(GUEST_IMAGE)
+
+# debootstrap into a temporary directory and rename it at the end, so that an interrupted run
+# leaves no half tree that later runs would take for done.
+debian-rootfs: $(DEBIAN_ROOTFS)/etc/debian_version
+
+$(DEBIAN_ROOTFS)/etc/debian_version:
+	rm -rf $(DEBIAN_ROOTFS).tmp
+	mkdir -p $(BUILD)
+	debootstrap --variant=minbase bookworm $(abspath $(DEBIAN_ROOTFS)).tmp $(DEBIAN_MIRROR)
+	rm -rf $(DEBIAN_ROOTFS)
+	mv $(DEBIAN_ROOTFS).tmp $(DEBIAN_ROOTFS)
 
 check-kernel:
 	@test -f "$(KERNEL)" || { echo "guest kernel $(KERNEL) is missing (set KERNEL=...)" >&2; exit 1; }
@@ -66,12 +81,14 @@ test-unit:
 	$(CARGO) test --workspace --exclude husk-e2e
 
 # Real Linux guests: each suite's test binary runs inside the nested test host (the runner),
-# or directly where this machine has hardware KVM.
-test-e2e: build guest-image check-kernel
+# or directly where this machine has hardware KVM. The Docker suite (tests/e2e/docker) also
+# needs the Debian tree.
+E2E_ENV := HUSK_TEST_KERNEL=$(KERNEL) HUSK_TEST_DEBIAN_ROOTFS=$(abspath $(DEBIAN_ROOTFS))
+test-e2e: build guest-image check-kernel debian-rootfs
 ifeq ($(HAVE_HW_KVM),yes)
-	HUSK_TEST_KERNEL=$(KERNEL) $(CARGO) test -p husk-e2e -- --test-threads=1
+	$(E2E_ENV) $(CARGO) test -p husk-e2e -- --test-threads=1
 else
-	HUSK_TEST_KERNEL=$(KERNEL) CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(NESTED) --" \
+	$(E2E_ENV) CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(NESTED) --" \
 		$(CARGO) test -p husk-e2e -- --test-threads=1
 endif
 
