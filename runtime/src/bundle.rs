@@ -104,11 +104,6 @@ impl Bundle {
         Ok(())
     }
 
-    /// Whether the spec asks for a read-only root.
-    pub fn readonly_root(&self) -> bool {
-        self.spec["root"]["readonly"].as_bool().unwrap_or(false)
-    }
-
     /// Whether the container's process has a terminal.
     pub fn terminal(&self) -> bool {
         self.spec["process"]["terminal"].as_bool().unwrap_or(false)

@@ -219,9 +219,10 @@ fn create_container(client: &AgentClient, record: &Record, bundle: &Bundle) -> a
     block.device = ROOTFS_DEVICE.into();
     block.fstype = record.image.fstype.clone();
     rootfs.set_block(block);
-    rootfs.mode =
-        if bundle.readonly_root() { pb::RootfsMode::READ_ONLY } else { pb::RootfsMode::OVERLAY }
-            .into();
+    // An overlay even for a read-only root: the spec's mount points may have to be made in it
+    // (Docker's --read-only --tmpfs /scratch); the agent makes the root read-only afterwards,
+    // as runc does.
+    rootfs.mode = pb::RootfsMode::OVERLAY.into();
     let stdio = req.stdio.mut_or_insert_default();
     (stdio.stdin, stdio.stdout, stdio.stderr) = (true, true, true);
     for (source, content) in bundle.host_files() {

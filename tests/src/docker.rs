@@ -406,7 +406,7 @@ impl Dockerd {
     /// made, unmount the data root, and check that nothing is left: no processes using the
     /// temporary directory (husk, shims, containerd), no network interfaces but those there
     /// were before, no network namespace mounts, no state under the runtimes' roots, no rootfs
-    /// images in use, no mounts. Returns what is wrong.
+    /// images in use, no container cgroups, no mounts. Returns what is wrong.
     pub fn stop(mut self) -> Vec<String> {
         let mut problems = Vec::new();
         let kinds: [(&[&str], &[&str]); 2] =
@@ -455,6 +455,19 @@ impl Dockerd {
             if !state.is_empty() {
                 problems.push(format!("{runtime} state left in {}: {state:?}", root.display()));
             }
+        }
+        // Docker's cgroupfs parent (cgroup v2): each container's cgroup, which husk's VM process
+        // joins as runc's container process does, goes with the container.
+        let cgroups: Vec<String> = std::fs::read_dir("/sys/fs/cgroup/docker")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !cgroups.is_empty() {
+            problems.push(format!("container cgroups left in /sys/fs/cgroup/docker: {cgroups:?}"));
         }
         let in_use = entries(&self.husk_cache().join("in-use"));
         if !in_use.is_empty() {

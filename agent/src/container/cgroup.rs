@@ -130,24 +130,22 @@ impl Cgroup {
                 let weight = 1 + ((shares - 2) * 9999) / 262_142;
                 self.set("cpu", "cpu.weight", &weight.to_string(), "cpu shares")?;
             }
-            // cpu.max is "QUOTA PERIOD"; written alone, the quota keeps the period.
             let quota = match cpu.quota() {
                 Some(q) if q > 0 => Some(q.to_string()),
                 Some(q) if q < 0 => Some("max".to_string()),
                 _ => None,
             };
-            match (quota, cpu.period().filter(|&p| p > 0)) {
-                (Some(q), Some(p)) => {
-                    self.set("cpu", "cpu.max", &format!("{q} {p}"), "a cpu quota")?
-                }
-                (Some(q), None) => self.set("cpu", "cpu.max", &q, "a cpu quota")?,
-                (None, Some(p)) => {
-                    let file = self.path.join("cpu.max");
-                    let current = fs::read_to_string(&file).unwrap_or_default();
-                    let q = current.split_whitespace().next().unwrap_or("max");
-                    self.set("cpu", "cpu.max", &format!("{q} {p}"), "a cpu period")?
-                }
-                (None, None) => {}
+            let period = cpu.period().filter(|&p| p > 0);
+            if (quota.is_some() || period.is_some()) && self.has_no_cpu_bandwidth() {
+                // The guest kernel has the cpu controller without CFS bandwidth control
+                // (CONFIG_CFS_BANDWIDTH off, as in the shared prebuilt kernel): no cpu.max. The
+                // VM's vCPUs, ceil(quota / period) of them, still cap the container.
+                log::warn!(
+                    "no cpu.max in this kernel: cpu quota {quota:?} per {period:?} left to the \
+                     vCPU count"
+                );
+            } else {
+                self.set_cpu_max(quota, period)?;
             }
         }
         if let Some(pids) = r.pids().filter(|p| p.limit() != 0) {
@@ -179,6 +177,27 @@ impl Cgroup {
     /// The memory controller is on for this cgroup but the kernel has no swap to account.
     fn has_no_swap(&self) -> bool {
         self.path.join("memory.max").exists() && !self.path.join("memory.swap.max").exists()
+    }
+
+    /// cpu.max from the spec's quota and period ("QUOTA PERIOD"; written alone, the quota
+    /// keeps the period).
+    fn set_cpu_max(&self, quota: Option<String>, period: Option<u64>) -> Result<(), CgroupError> {
+        match (quota, period) {
+            (Some(q), Some(p)) => self.set("cpu", "cpu.max", &format!("{q} {p}"), "a cpu quota")?,
+            (Some(q), None) => self.set("cpu", "cpu.max", &q, "a cpu quota")?,
+            (None, Some(p)) => {
+                let file = self.path.join("cpu.max");
+                let current = fs::read_to_string(&file).unwrap_or_default();
+                let q = current.split_whitespace().next().unwrap_or("max");
+                self.set("cpu", "cpu.max", &format!("{q} {p}"), "a cpu period")?
+            }
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    fn has_no_cpu_bandwidth(&self) -> bool {
+        self.path.join("cpu.weight").exists() && !self.path.join("cpu.max").exists()
     }
 
     fn set(
