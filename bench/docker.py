@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runtime import descendants, processes_mentioning, pss_kib  # noqa: E402
 
 DOCKER = "/usr/bin/docker"
-DOCKERD = "/usr/bin/dockerd"
+DOCKERD = "/usr/sbin/dockerd"
 IMAGE = "husk-bench-busybox"
 RUNTIMES = ("husk", "runc", "runsc")
 
