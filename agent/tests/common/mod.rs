@@ -306,6 +306,24 @@ impl Agent {
     /// Shut the agent down through the protocol and check that it exits cleanly.
     pub fn shutdown(self) {
         self.client.shutdown(ctx(), &pb::ShutdownRequest::new()).unwrap();
+        self.expect_clean_exit();
+    }
+
+    /// Ask the agent to shut down once no container is left (Shutdown with `when_idle`).
+    pub fn shutdown_when_idle(&self) -> ttrpc::Result<()> {
+        let mut req = pb::ShutdownRequest::new();
+        req.when_idle = true;
+        self.client.shutdown(ctx(), &req).map(drop)
+    }
+
+    /// Whether the agent answers a health check.
+    pub fn serving(&self) -> bool {
+        self.client.check(ctx(), &pb::CheckRequest::new()).is_ok_and(|c| c.serving)
+    }
+
+    /// Check that the agent exits, cleanly: status 0, its cgroup root removed, the host's mount
+    /// table as it was.
+    pub fn expect_clean_exit(self) {
         let root = self.cgroup_root.clone();
         let host_mounts = self.host_mounts.clone();
         let status = self.wait_exit(Duration::from_secs(10));
