@@ -1,9 +1,10 @@
 //! Where the agent listens: `vsock:PORT` in the guest, `unix:PATH` on a host (tests), and the
-//! connections accepted there (the same byte streams either way).
+//! connections accepted there (the same byte streams either way). The same addresses name
+//! where the agent connects to (its log copy): `vsock:PORT` is then the host's port.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -36,6 +37,25 @@ impl std::fmt::Display for Addr {
         match self {
             Addr::Vsock(port) => write!(f, "vsock:{port}"),
             Addr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Addr {
+    /// Connect to the address: for `vsock:PORT`, the host's (CID 2) port PORT.
+    pub fn connect(&self) -> io::Result<Conn> {
+        match self {
+            Addr::Vsock(port) => {
+                let fd = socket::socket(
+                    AddressFamily::Vsock,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )?;
+                socket::connect(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_HOST, *port))?;
+                Ok(Conn(fd))
+            }
+            Addr::Unix(path) => Ok(Conn(UnixStream::connect(path)?.into())),
         }
     }
 }
@@ -88,7 +108,7 @@ impl Listener {
     }
 }
 
-/// An accepted connection.
+/// A connection, accepted or made.
 pub struct Conn(OwnedFd);
 
 impl Conn {

@@ -3,8 +3,10 @@
 //! runc would on a host.
 //!
 //! Modes:
-//! - As PID 1 (the micro-VM's /init): mounts the basics, logs to the console, listens on vsock,
-//!   and powers the VM off on Shutdown.
+//! - As PID 1 (the micro-VM's /init): mounts the basics, logs to the console (and a copy to a
+//!   host vsock port with `HUSK_AGENT_LOG_TO=vsock:PORT` on the kernel command line: see
+//!   `logging`), listens on vsock, and powers the VM off on Shutdown (with `when_idle`, once no
+//!   container is left).
 //! - Anywhere else (tests on a host, as root): `--listen unix:PATH --stdio-listen unix:PATH
 //!   --cgroup-root DIR`; the same service over Unix sockets, and Shutdown ends the agent.
 //! - `husk-agent init ...`: internal, the helper that becomes a container process (`init`).
@@ -18,6 +20,7 @@ mod container;
 mod error;
 mod init;
 mod listen;
+mod logging;
 mod net;
 mod netlink;
 mod pid1;
@@ -56,6 +59,12 @@ struct Args {
     /// own mount namespaces) and host files copied.
     #[arg(long, env = "HUSK_AGENT_STATE_DIR", default_value = "/run/husk-agent")]
     state_dir: PathBuf,
+    /// Also send the log lines to this address: vsock:PORT is the host's (CID 2) vsock port
+    /// PORT (HUSK_AGENT_LOG_TO=vsock:PORT on the kernel command line). Lines are dropped rather
+    /// than waited for when the reader is slow; a missing or broken connection ends the copy,
+    /// never the agent. [default: the console only]
+    #[arg(long, env = "HUSK_AGENT_LOG_TO")]
+    log_to: Option<Addr>,
 }
 
 fn main() {
@@ -65,10 +74,8 @@ fn main() {
     }
     let pid1 = std::process::id() == 1;
     let mounted = if pid1 { pid1::setup() } else { Ok(()) };
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("HUSK_AGENT_LOG", "info"))
-        .format_timestamp_millis()
-        .init();
-    let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, &argv));
+    let log = logging::init();
+    let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, &argv, &log));
     if let Err(e) = result {
         log::error!("{e:#}");
         if pid1 {
@@ -78,7 +85,7 @@ fn main() {
     }
 }
 
-fn run(pid1: bool, argv: &[String]) -> anyhow::Result<()> {
+fn run(pid1: bool, argv: &[String], log: &logging::Log) -> anyhow::Result<()> {
     // Before any thread exists: see reaper.
     reaper::block_sigchld().context("blocking SIGCHLD")?;
     let args = if pid1 {
@@ -91,6 +98,12 @@ fn run(pid1: bool, argv: &[String]) -> anyhow::Result<()> {
     } else {
         Args::parse()
     };
+    if let Some(addr) = args.log_to.clone() {
+        // Not fatal: the console has the log either way.
+        if let Err(e) = log.copy_to(addr) {
+            log::warn!("starting the log copy: {e}");
+        }
+    }
     if !pid1 {
         // Orphans of containers without a pid namespace come to the agent, as they would to
         // PID 1 in the guest.

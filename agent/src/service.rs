@@ -1,7 +1,8 @@
 //! The ttrpc service: each request checked and turned into a container operation, each error
 //! into a ttrpc status with its message.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use husk_agent_protocol::agent::{self as pb, rootfs::Source};
 use husk_agent_protocol::agent_ttrpc::Agent;
@@ -11,6 +12,11 @@ use crate::container::host_files::HostFile;
 use crate::container::{Containers, CreateRequest, StdioRequest};
 use crate::error::{Error, Result};
 use crate::init::config::{RootfsMode, RootfsSource};
+use crate::sync::lock;
+
+/// How long the power-off waits for the answer that set it going to leave (ttrpc sends the
+/// answer after the handler returns).
+const ANSWER_GRACE: Duration = Duration::from_millis(100);
 
 /// What Shutdown does (power the VM off, or end a host-mode agent); it runs after the answer
 /// has had time to go out.
@@ -22,11 +28,75 @@ pub struct Service {
     /// The agent is the guest's PID 1, so the hostname, network and clock of its namespaces
     /// are the guest's to change. Anywhere else (tests on a host) they would be the host's.
     guest: bool,
+    power_off: Arc<Mutex<PowerOff>>,
+}
+
+/// Where the way to powering off stands.
+#[derive(Default)]
+struct PowerOff {
+    /// Shutdown with `when_idle` came: power off once no container is left.
+    when_idle: bool,
+    /// Plain Shutdown came: power off whatever is left.
+    now: bool,
+    /// A power-off thread is on its way (at most one).
+    pending: bool,
 }
 
 impl Service {
     pub fn new(containers: Arc<Containers>, shutdown: ShutdownFn, guest: bool) -> Self {
-        Self { containers, shutdown: Arc::new(shutdown), guest }
+        Self {
+            containers,
+            shutdown: Arc::new(shutdown),
+            guest,
+            power_off: Arc::new(Mutex::new(PowerOff::default())),
+        }
+    }
+
+    /// Power off after the current answer has gone out: kill and remove every container, then
+    /// run the shutdown function. Unless `now` (here or from an earlier call), the power-off
+    /// thread looks again after its wait and backs off if a container was created meanwhile;
+    /// the RemoveContainer that removes it sets it going again.
+    fn power_off_soon(&self, now: bool) -> Result<()> {
+        let mut state = lock(&self.power_off);
+        state.now |= now;
+        if state.pending {
+            return Ok(());
+        }
+        let containers = self.containers.clone();
+        let shutdown = self.shutdown.clone();
+        let power_off = self.power_off.clone();
+        std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                std::thread::sleep(ANSWER_GRACE);
+                {
+                    // Under the lock, so that a RemoveContainer finishing now finds `pending`
+                    // cleared and sets the power-off going itself.
+                    let mut state = lock(&power_off);
+                    if !state.now && !containers.is_empty() {
+                        log::info!("a container was created meanwhile: not powering off yet");
+                        state.pending = false;
+                        return;
+                    }
+                }
+                containers.remove_all();
+                shutdown();
+            })
+            .map_err(|e| Error::internal("starting the shutdown thread", &e))?;
+        state.pending = true;
+        Ok(())
+    }
+
+    /// After a request that may have left the guest without containers: power off if the host
+    /// asked for that (Shutdown with `when_idle`) and none is left.
+    fn power_off_if_idle(&self) {
+        let when_idle = lock(&self.power_off).when_idle;
+        if when_idle && self.containers.is_empty() {
+            log::info!("no container left: powering off, as the host asked");
+            if let Err(e) = self.power_off_soon(false) {
+                log::warn!("{e}");
+            }
+        }
     }
 
     /// Refuse a change to guest-wide settings unless the agent is the guest's PID 1.
@@ -112,6 +182,8 @@ impl Agent for Service {
                     .collect(),
             })
         });
+        // A failed create may leave no container.
+        self.power_off_if_idle();
         reply(&what, r).map(|()| pb::Empty::new())
     }
 
@@ -213,8 +285,9 @@ impl Agent for Service {
         req: pb::RemoveContainerRequest,
     ) -> ttrpc::Result<pb::Empty> {
         let what = format!("RemoveContainer {}", req.container_id);
-        reply(&what, self.containers.remove(&req.container_id, req.force))
-            .map(|()| pb::Empty::new())
+        let r = self.containers.remove(&req.container_id, req.force);
+        self.power_off_if_idle();
+        reply(&what, r).map(|()| pb::Empty::new())
     }
 
     fn pause_container(
@@ -300,17 +373,14 @@ impl Agent for Service {
         reply("SetTime", r).map(|_| pb::Empty::new())
     }
 
-    fn shutdown(&self, _: &TtrpcContext, _: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {
+    fn shutdown(&self, _: &TtrpcContext, req: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {
+        if req.when_idle {
+            log::info!("shutdown requested once no container is left");
+            lock(&self.power_off).when_idle = true;
+            self.power_off_if_idle();
+            return Ok(pb::Empty::new());
+        }
         log::info!("shutdown requested");
-        let containers = self.containers.clone();
-        let shutdown = self.shutdown.clone();
-        let spawned = std::thread::Builder::new().name("shutdown".into()).spawn(move || {
-            // Let the answer go out first: ttrpc sends it after this handler returns.
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            containers.remove_all();
-            shutdown();
-        });
-        let r = spawned.map(|_| ()).map_err(|e| Error::internal("shutdown", &e));
-        reply("Shutdown", r).map(|()| pb::Empty::new())
+        reply("Shutdown", self.power_off_soon(true)).map(|()| pb::Empty::new())
     }
 }

@@ -4,7 +4,7 @@
 //! suites and benchmarks, which run it inside the nested test host.
 
 use std::io::Read;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,20 @@ pub struct AgentVm {
 impl AgentVm {
     /// Boot the guest kernel with the guest image and wait until the agent answers.
     pub fn boot() -> Self {
+        Self::boot_with("", &[]).0
+    }
+
+    /// Boot as [`AgentVm::boot`] with `extra_cmdline` appended to the kernel command line and
+    /// a host listener for each of `host_ports`, bound before the guest boots: the Unix
+    /// sockets `<vsock>_<port>` where husk's VMM takes the guest's connections to the host's
+    /// (CID 2) vsock port.
+    pub fn boot_with(extra_cmdline: &str, host_ports: &[u32]) -> (Self, Vec<UnixListener>) {
         require_real_kvm();
         let dir = TempDir::new("e2e-agent");
+        let listeners = host_ports
+            .iter()
+            .map(|port| UnixListener::bind(dir.path().join(format!("vsock_{port}"))).unwrap())
+            .collect();
         let rootfs = busybox_rootfs();
         ext4_image(rootfs.path(), &dir.path().join("rootfs.img"), 32);
         let mut child = std::process::Command::new(husk_binary())
@@ -60,12 +72,12 @@ impl AgentVm {
             .arg(dir.path().join("vsock"))
             .arg("--console")
             .arg(dir.path().join("console.log"))
-            .args(["--cmdline", NESTED_CMDLINE])
+            .args(["--cmdline", &format!("{NESTED_CMDLINE} {extra_cmdline}")])
             .stdin(std::process::Stdio::null())
             .spawn()
             .expect("start husk vm run");
         let client = wait_for_agent(&mut child, dir.path());
-        AgentVm { child, dir, client }
+        (AgentVm { child, dir, client }, listeners)
     }
 
     /// The guest's console so far.
@@ -154,8 +166,25 @@ impl AgentVm {
     }
 
     /// Shut the guest down through the agent; husk must then exit 0.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         self.client.shutdown(ctx(), &pb::ShutdownRequest::new()).expect("Shutdown");
+        self.expect_power_off();
+    }
+
+    /// Shutdown with `when_idle`: the agent powers the VM off once no container is left.
+    pub fn shutdown_when_idle(&self) {
+        let mut req = pb::ShutdownRequest::new();
+        req.when_idle = true;
+        self.client.shutdown(ctx(), &req).expect("Shutdown when_idle");
+    }
+
+    /// Whether husk's VM process still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The guest powers off: husk exits 0 (within a minute) and removes its vsock socket.
+    pub fn expect_power_off(mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -163,12 +192,12 @@ impl AgentVm {
             }
             assert!(
                 Instant::now() < deadline,
-                "husk still runs after Shutdown:\n{}",
+                "husk still runs after the guest was to power off:\n{}",
                 self.console()
             );
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert!(status.success(), "husk exited {status} after Shutdown:\n{}", self.console());
+        assert!(status.success(), "husk exited {status} at power-off:\n{}", self.console());
         assert!(!Path::new(&self.vsock()).exists(), "husk removed its vsock socket");
     }
 }

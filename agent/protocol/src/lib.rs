@@ -118,6 +118,19 @@ mod tests {
         assert_eq!(methods.len(), 21);
     }
 
+    #[test]
+    fn shutdown_when_idle_is_a_compatible_addition() {
+        use protobuf::Message;
+        // A host that predates the field sends an empty ShutdownRequest: power off at once.
+        let old = agent::ShutdownRequest::parse_from_bytes(&[]).unwrap();
+        assert!(!old.when_idle);
+        let mut req = agent::ShutdownRequest::new();
+        req.when_idle = true;
+        // Field 1, varint 1; an agent that predates it skips the unknown field.
+        assert_eq!(req.write_to_bytes().unwrap(), [0x08, 0x01]);
+        assert!(agent::ShutdownRequest::parse_from_bytes(&[0x08, 0x01]).unwrap().when_idle);
+    }
+
     struct Unimplemented;
     impl agent_ttrpc::Agent for Unimplemented {}
 }

@@ -126,11 +126,19 @@ impl Containers {
         if lock(&self.map).contains_key(&id) || !lock(&self.creating).insert(id.clone()) {
             return Err(Error::AlreadyExists(format!("container {id:?} exists")));
         }
-        let result = self.create_reserved(req);
+        // Into the map before out of `creating`, so that is_empty cannot miss it.
+        let result = self.create_reserved(req).map(|container| {
+            lock(&self.map).insert(id.clone(), Arc::new(container));
+        });
         lock(&self.creating).remove(&id);
-        let container = result?;
-        lock(&self.map).insert(id, Arc::new(container));
-        Ok(())
+        result
+    }
+
+    /// No container exists, and none is being created.
+    pub fn is_empty(&self) -> bool {
+        // `creating` first: a create moves an id from it into the map in that order (see
+        // create), so an id cannot slip between the two looks.
+        lock(&self.creating).is_empty() && lock(&self.map).is_empty()
     }
 
     fn create_reserved(&self, req: CreateRequest) -> Result<Container> {

@@ -52,7 +52,13 @@ pub struct Agent {
 
 impl Agent {
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, &[])
+    }
+
+    /// The agent with these environment variables set (its settings, as the kernel command
+    /// line passes them to the guest's).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_with(false, env)
     }
 
     /// The agent as PID 1, as in the guest: in new pid, mount, UTS, cgroup and network
@@ -60,10 +66,10 @@ impl Agent {
     /// included, at /sys/fs/cgroup; sysfs shows the namespace's own NICs), configures the
     /// network and where powering off ends the namespace.
     pub fn start_as_pid1() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, &[])
     }
 
-    fn start_with(pid1: bool) -> Self {
+    fn start_with(pid1: bool, env: &[(&str, &str)]) -> Self {
         require_root();
         let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let dir = TempDir::new("run");
@@ -106,6 +112,7 @@ impl Agent {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .env("HUSK_AGENT_LOG", std::env::var("HUSK_AGENT_LOG").unwrap_or("info".into()))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting husk-agent");
@@ -306,6 +313,24 @@ impl Agent {
     /// Shut the agent down through the protocol and check that it exits cleanly.
     pub fn shutdown(self) {
         self.client.shutdown(ctx(), &pb::ShutdownRequest::new()).unwrap();
+        self.expect_clean_exit();
+    }
+
+    /// Ask the agent to shut down once no container is left (Shutdown with `when_idle`).
+    pub fn shutdown_when_idle(&self) -> ttrpc::Result<()> {
+        let mut req = pb::ShutdownRequest::new();
+        req.when_idle = true;
+        self.client.shutdown(ctx(), &req).map(drop)
+    }
+
+    /// Whether the agent answers a health check.
+    pub fn serving(&self) -> bool {
+        self.client.check(ctx(), &pb::CheckRequest::new()).is_ok_and(|c| c.serving)
+    }
+
+    /// Check that the agent exits, cleanly: status 0, its cgroup root removed, the host's mount
+    /// table as it was.
+    pub fn expect_clean_exit(self) {
         let root = self.cgroup_root.clone();
         let host_mounts = self.host_mounts.clone();
         let status = self.wait_exit(Duration::from_secs(10));

@@ -208,3 +208,68 @@ fn two_hundred_execs_leave_no_zombie_fd_or_mount_in_the_guest() {
     vm.remove("svc");
     vm.shutdown();
 }
+
+#[test]
+fn shutdown_when_idle_powers_off_after_the_last_remove_even_with_no_log_listener() {
+    // The log copy goes to a port nobody listens on: the agent must not mind.
+    let (mut vm, _) = AgentVm::boot_with("HUSK_AGENT_LOG_TO=vsock:1030", &[]);
+    vm.create("last", &spec(process(&["sleep", "1000"])), (false, false, false)).unwrap();
+    vm.start("last");
+    vm.shutdown_when_idle();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(vm.running(), "the VM powered off with a container left:\n{}", vm.console());
+    let check = vm.client.check(ctx(), &pb::CheckRequest::new()).expect("Check after when_idle");
+    assert!(check.serving);
+    // Still serving: an exec runs.
+    vm.exec("last", "probe", &process(&["echo", "alive"]), (false, true, false));
+    assert_eq!(read_to_end(vm.stream("last", "probe", StreamKind::Stdout)), "alive\n");
+    assert_eq!(vm.wait("last", "probe").exit_status, 0);
+
+    // The agent tried the log port, found nobody and said so on the console.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !vm.console().contains("logging on the console only") {
+        assert!(std::time::Instant::now() < deadline, "no word of the log copy:\n{}", vm.console());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    vm.signal("last", libc::SIGKILL);
+    vm.wait("last", "");
+    vm.remove("last");
+    vm.expect_power_off();
+}
+
+#[test]
+fn agent_log_lines_reach_a_host_vsock_port() {
+    const LOG_PORT: u32 = 1031;
+    let (vm, listeners) =
+        AgentVm::boot_with(&format!("HUSK_AGENT_LOG_TO=vsock:{LOG_PORT}"), &[LOG_PORT]);
+    // The agent connected while it started (the queue kept its first lines meanwhile).
+    let listener = &listeners[0];
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut log = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no log connection:\n{}",
+                    vm.console()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    log.set_nonblocking(false).unwrap();
+    let mut seen = String::new();
+    read_until(&mut log, &mut seen, "serving on vsock:1024", Duration::from_secs(60));
+
+    let (out, _) = vm.run("logged", &["echo", "hi"]);
+    assert_eq!(out, "hi\n");
+    read_until(&mut log, &mut seen, "container logged removed", Duration::from_secs(60));
+    assert!(seen.contains("container logged created"), "{seen:?}");
+    // The console has the same lines.
+    assert!(vm.console().contains("container logged created"), "{}", vm.console());
+    vm.shutdown();
+}
