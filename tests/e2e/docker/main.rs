@@ -355,8 +355,9 @@ fn memory_limit_oom(d: &Dockerd, rt: Runtime) {
     }
 }
 
-/// A detached container: `docker exec` (exit codes, `-e`), `docker top`, `docker pause` and
-/// `unpause` (exec refused while paused), `docker restart`, `docker rm -f` while it runs.
+/// A detached container: `docker exec` (exit codes, `-e`), its host process in its cgroup,
+/// `docker top`, `docker pause` and `unpause` (exec refused while paused), `docker restart`,
+/// `docker rm -f` while it runs.
 /// `docker top` lists the container's pid as Docker knows it (`.State.Pid`): runc's is the
 /// container's `sleep`; husk's is the VM process on the host (the container's processes exist
 /// only in the guest), as Kata's is.
@@ -369,6 +370,14 @@ fn exec_top_pause_restart_rm(d: &Dockerd, rt: Runtime) {
     assert_eq!(d.ok(&["exec", "-e", "BAR=baz", name, "sh", "-c", "echo $BAR"]), "baz\n", "exec -e");
 
     let pid = d.inspect(name, "{{.State.Pid}}");
+    // That process is in the container's host cgroup (Docker's cgroupfs parent), where the shim
+    // reads `docker stats` and watches for OOM events.
+    let id = d.inspect(name, "{{.Id}}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    assert!(
+        cgroup.lines().any(|l| l.ends_with(&format!("/docker/{id}"))),
+        "process {pid} is in the cgroup /docker/{id}: {cgroup}"
+    );
     let top = d.ok(&["top", name, "-o", "pid,args"]);
     let rows: Vec<Vec<&str>> =
         top.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
