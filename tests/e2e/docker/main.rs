@@ -356,8 +356,8 @@ fn memory_limit_oom(d: &Dockerd, rt: Runtime) {
 }
 
 /// A detached container: `docker exec` (exit codes, `-e`), its host process in its cgroup,
-/// `docker top`, `docker pause` and `unpause` (exec refused while paused), `docker restart`,
-/// `docker rm -f` while it runs.
+/// `docker stats`, `docker top`, `docker pause` and `unpause` (exec refused while paused),
+/// `docker restart`, `docker rm -f` while it runs.
 /// `docker top` lists the container's pid as Docker knows it (`.State.Pid`): runc's is the
 /// container's `sleep`; husk's is the VM process on the host (the container's processes exist
 /// only in the guest), as Kata's is.
@@ -377,6 +377,14 @@ fn exec_top_pause_restart_rm(d: &Dockerd, rt: Runtime) {
     assert!(
         cgroup.lines().any(|l| l.ends_with(&format!("/docker/{id}"))),
         "process {pid} is in the cgroup /docker/{id}: {cgroup}"
+    );
+    // docker stats reads that cgroup: for husk the whole VM's host memory.
+    let usage = d.ok(&["stats", "--no-stream", "--format", "{{.MemUsage}}", name]);
+    let used = usage.split('/').next().unwrap_or_default().trim();
+    let digits: String = used.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    assert!(
+        digits.parse::<f64>().is_ok_and(|n| n > 0.0),
+        "docker stats shows the container's memory use: {usage:?}"
     );
     let top = d.ok(&["top", name, "-o", "pid,args"]);
     let rows: Vec<Vec<&str>> =
