@@ -46,18 +46,19 @@ impl Addr {
     pub fn connect(&self) -> io::Result<Conn> {
         match self {
             Addr::Vsock(port) => {
-                let fd = socket::socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )?;
+                let fd = vsock_socket()?;
                 socket::connect(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_HOST, *port))?;
                 Ok(Conn(fd))
             }
             Addr::Unix(path) => Ok(Conn(UnixStream::connect(path)?.into())),
         }
     }
+}
+
+/// A new vsock stream socket, to connect or to bind.
+fn vsock_socket() -> io::Result<OwnedFd> {
+    let fd = socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    Ok(fd)
 }
 
 /// A listening socket.
@@ -69,12 +70,7 @@ impl Listener {
     pub fn bind(addr: &Addr) -> io::Result<Self> {
         match addr {
             Addr::Vsock(port) => {
-                let fd = socket::socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )?;
+                let fd = vsock_socket()?;
                 socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port))?;
                 socket::listen(&fd, socket::Backlog::new(128).map_err(io::Error::from)?)?;
                 Ok(Self { fd })

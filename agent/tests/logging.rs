@@ -29,6 +29,16 @@ fn accept(listener: &UnixListener) -> UnixStream {
     }
 }
 
+/// The agent still runs containers: three echo and exit 0.
+fn serves_containers(agent: &Agent) {
+    let rootfs = busybox_rootfs();
+    for i in 0..3 {
+        let (out, _, status) =
+            agent.run(&format!("c{i}"), &spec(process(&["echo", "hi"])), rootfs.path());
+        assert_eq!((out.as_str(), status.exit_status), ("hi\n", 0));
+    }
+}
+
 #[test]
 fn log_lines_reach_the_socket() {
     let dir = TempDir::new("agent-log-copy");
@@ -58,12 +68,7 @@ fn without_a_listener_the_agent_serves_as_ever() {
     let dir = TempDir::new("agent-log-copy");
     let nobody = format!("unix:{}", dir.path().join("nobody.sock").display());
     let agent = Agent::start_with_env(&[("HUSK_AGENT_LOG_TO", &nobody)]);
-    let rootfs = busybox_rootfs();
-    for i in 0..3 {
-        let (out, _, status) =
-            agent.run(&format!("c{i}"), &spec(process(&["echo", "hi"])), rootfs.path());
-        assert_eq!((out.as_str(), status.exit_status), ("hi\n", 0));
-    }
+    serves_containers(&agent);
     agent.shutdown();
 }
 
@@ -75,11 +80,6 @@ fn a_reader_that_goes_away_does_not_hurt_the_agent() {
     let agent =
         Agent::start_with_env(&[("HUSK_AGENT_LOG_TO", &format!("unix:{}", path.display()))]);
     drop(accept(&listener));
-    let rootfs = busybox_rootfs();
-    for i in 0..3 {
-        let (out, _, status) =
-            agent.run(&format!("c{i}"), &spec(process(&["echo", "hi"])), rootfs.path());
-        assert_eq!((out.as_str(), status.exit_status), ("hi\n", 0));
-    }
+    serves_containers(&agent);
     agent.shutdown();
 }

@@ -1,8 +1,7 @@
 //! `husk delete`: remove a stopped (or, as runc does, a created) container and every trace of
 //! it: its VM process, its host cgroup, its state directory with the VM's socket, console log
-//! and disk image;
-//! and it runs the container's poststop hooks.
-//! `--force` kills a running one first. Works after a `kill -9` of the VM process too.
+//! and disk image; and it runs its poststop hooks. `--force` kills a running one first. Works
+//! after a `kill -9` of the VM process too.
 
 use std::time::Duration;
 

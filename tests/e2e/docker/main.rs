@@ -244,6 +244,12 @@ fn wait_for_size(pty: &mut Pty, size: &str, what: &str) {
     assert_eq!(seen, size, "{what}");
 }
 
+/// `tty` in the shell on `pty` names a terminal.
+fn assert_a_terminal(pty: &mut Pty, what: &str) {
+    let tty = pty.query("tty", TTY_TIMEOUT);
+    assert!(tty.starts_with("/dev/pts/") || tty == "/dev/console", "tty in {what}: {tty:?}");
+}
+
 /// `docker run -it` and `docker exec -it` on a terminal: the container's process has a
 /// terminal of the terminal's size, follows a resize, echoes what is typed, and its exit code
 /// is the client's.
@@ -253,11 +259,7 @@ fn terminal_run_and_exec(d: &Dockerd, rt: Runtime) {
     let mut run = d.docker(&[]);
     run.arg("run").args(rt.flags()).args(["-it", "--name", &c.name, BUSYBOX_IMAGE, "sh"]);
     let mut client = pty.spawn(run);
-    let tty = pty.query("tty", TTY_TIMEOUT);
-    assert!(
-        tty.starts_with("/dev/pts/") || tty == "/dev/console",
-        "tty in docker run -it: {tty:?}"
-    );
+    assert_a_terminal(&mut pty, "docker run -it");
     wait_for_size(&mut pty, "50 132", "the terminal's size");
     pty.resize(40, 100);
     wait_for_size(&mut pty, "40 100", "the size after a resize");
@@ -268,11 +270,7 @@ fn terminal_run_and_exec(d: &Dockerd, rt: Runtime) {
     let mut exec_pty = Pty::open(30, 90);
     let exec = d.docker(&["exec", "-it", &c.name, "sh"]);
     let mut exec_client = exec_pty.spawn(exec);
-    let tty = exec_pty.query("tty", TTY_TIMEOUT);
-    assert!(
-        tty.starts_with("/dev/pts/") || tty == "/dev/console",
-        "tty in docker exec -it: {tty:?}"
-    );
+    assert_a_terminal(&mut exec_pty, "docker exec -it");
     wait_for_size(&mut exec_pty, "30 90", "the exec terminal's size");
     exec_pty.send("exit 5\r");
     assert_eq!(exec_pty.wait(&mut exec_client, TTY_TIMEOUT), 5, "docker exec -it's exit code");

@@ -363,17 +363,22 @@ impl Drop for Netns {
     }
 }
 
-#[test]
-fn a_container_in_a_network_namespace_reaches_outside_through_the_tap() {
-    let husk = Husk::new();
-    let netns = Netns::new(1);
-    let listener = std::net::TcpListener::bind("10.200.0.1:18080").unwrap();
-    let server = std::thread::spawn(move || {
+/// Listen on `addr` and take one connection: who sent it and what it sent, to EOF.
+fn receive_once(addr: &str) -> std::thread::JoinHandle<(std::net::SocketAddr, String)> {
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
         let (mut conn, peer) = listener.accept().unwrap();
         let mut got = String::new();
         conn.read_to_string(&mut got).unwrap();
         (peer, got)
-    });
+    })
+}
+
+#[test]
+fn a_container_in_a_network_namespace_reaches_outside_through_the_tap() {
+    let husk = Husk::new();
+    let netns = Netns::new(1);
+    let server = receive_once("10.200.0.1:18080");
     let mut config = spec(process(&[
         "sh",
         "-c",
@@ -438,13 +443,7 @@ fn hooks_run_in_order_and_prestart_fills_a_new_network_namespace_as_docker_does(
         "poststart": [stage("poststart")],
         "poststop": [stage("poststop")],
     });
-    let listener = std::net::TcpListener::bind("0.0.0.0:18081").unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        let mut got = String::new();
-        conn.read_to_string(&mut got).unwrap();
-        (peer, got)
-    });
+    let server = receive_once("0.0.0.0:18081");
     let bundle = husk.bundle_with("hooks", config);
     let out = husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), "hooks"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
