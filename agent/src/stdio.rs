@@ -1,13 +1,20 @@
 //! The stdio stream server: one connection per stream, a header line naming the process and the
 //! stream (`husk_agent_protocol::stream`), then the bytes, copied by `pump` with EOF passed on
 //! in both directions (see the protocol crate's docs for the contract).
+//!
+//! An output stream is closed only after the host closed its end: the guest kernel gives a
+//! closed vsock socket 8 s (`VSOCK_CLOSE_TIMEOUT`) before it resets it, discarding whatever the
+//! host has not taken yet, and a slow reader on the host (Docker's log pipeline under load)
+//! can take longer than that for the last few hundred KiB.
 
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use husk_agent_protocol::stream::{reply_err, StreamHeader, REPLY_OK};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{shutdown, Shutdown};
 
 use crate::container::process::Attach;
@@ -86,6 +93,7 @@ fn run(attach: Attach, conn: OwnedFd, name: &str) {
             log::debug!("stream {name}: {end:?}");
             // The process's output ended: so does the stream (the host reads EOF).
             let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&conn), Shutdown::Write);
+            wait_for_host_close(conn.as_fd());
         }
         Attach::Input(dst) => {
             let end = pump(conn.as_fd(), dst.as_fd());
@@ -106,13 +114,52 @@ fn run(attach: Attach, conn: OwnedFd, name: &str) {
             });
             let end = pump(master_out.as_fd(), conn.as_fd());
             log::debug!("stream {name}: {end:?}");
-            let raw = std::os::fd::AsRawFd::as_raw_fd(&conn);
-            let _ = shutdown(raw, Shutdown::Write);
-            // Output is over (the terminal is closed): stop copying input too.
-            let _ = shutdown(raw, Shutdown::Read);
+            let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&conn), Shutdown::Write);
+            // The input copy ends when the host closes its end, which it does once it has read
+            // all the output.
             if let Ok(t) = input {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// Wait until the host closed its end of `conn` (EOF or a reset), discarding anything it still
+/// sends.
+fn wait_for_host_close(conn: BorrowedFd<'_>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut fds = [PollFd::new(conn, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => return,
+        }
+        match nix::unistd::read(conn, &mut buf) {
+            Ok(0) => return,
+            Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_ended_output_stream_stays_open_until_the_host_closes_it() {
+        let (guest, mut host) = UnixStream::pair().unwrap();
+        let closer = std::thread::spawn(move || {
+            let _ = shutdown(std::os::fd::AsRawFd::as_raw_fd(&guest), Shutdown::Write);
+            wait_for_host_close(guest.as_fd());
+        });
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!closer.is_finished(), "the guest end closed before the host's");
+        drop(host);
+        closer.join().unwrap();
     }
 }

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -16,12 +16,14 @@ use husk_agent_protocol::stream::StreamKind;
 use crate::agent::{ctx, ctx_forever, describe};
 use crate::console;
 use crate::signals;
-use crate::stdio::{self, dup, guest_to_host, host_to_guest, open_stream, std_fds};
+use crate::stdio::{self, dup, guest_to_host, host_to_guest, open_stream, std_fds, OutputActivity};
 use crate::terminal::RawTerminal;
 
-/// How long output may still arrive after the process exited (the agent ends each stream once
-/// every holder of the pipe closed it; in the guest, the container's pid namespace dies with
-/// its init, so this only bounds a stuck stream).
+/// How long the output of a process that exited may stay idle (nothing arriving, nothing being
+/// written) before husk stops waiting for its end. The agent ends each stream once every holder
+/// of the pipe closed it (the container's pid namespace dies with its init), so only an exec's
+/// output that a background process holds stays open; output that a slow reader on the host is
+/// still taking is waited for however long that takes, as it would be with runc.
 const OUTPUT_GRACE: Duration = Duration::from_secs(10);
 
 /// Where the process's terminal goes, when it has one.
@@ -89,6 +91,7 @@ impl Target {
 pub struct Session {
     target: Target,
     output: Vec<JoinHandle<()>>,
+    activity: Arc<OutputActivity>,
     _tty: Option<std::fs::File>,
     _raw: Option<RawTerminal>,
 }
@@ -109,16 +112,19 @@ impl Session {
     ) -> anyhow::Result<Self> {
         let target =
             Target { client, container: container.into(), exec: exec.into(), tty_fd: None };
-        let mut session = Session { target, output: vec![], _tty: None, _raw: None };
+        let activity = Arc::new(OutputActivity::default());
+        let mut session = Session { target, output: vec![], activity, _tty: None, _raw: None };
         match mode {
             TerminalMode::None => {
-                session.output = stdio::attach_pipes(vsock, container, exec, std_fds())?;
+                session.output =
+                    stdio::attach_pipes(vsock, container, exec, std_fds(), &session.activity)?;
             }
             TerminalMode::ConsoleSocket(socket) => {
                 let pty = console::pty_to_console_socket(socket, control)?;
                 let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
                 host_to_guest(pty.slave.try_clone()?, stream.try_clone()?);
-                session.output = vec![guest_to_host(stream, pty.slave.try_clone()?)];
+                let output = pty.slave.try_clone()?;
+                session.output = vec![guest_to_host(stream, output, &session.activity)];
                 session.target.tty_fd = Some(pty.slave.as_raw_fd());
                 session._tty = Some(pty.slave);
                 if control {
@@ -131,7 +137,7 @@ impl Session {
                     .context("cannot put the terminal in raw mode")?;
                 let stream = open_stream(vsock, container, exec, StreamKind::Tty)?;
                 host_to_guest(dup(input)?, stream.try_clone()?);
-                session.output = vec![guest_to_host(stream, dup(output)?)];
+                session.output = vec![guest_to_host(stream, dup(output)?, &session.activity)];
                 session.target.tty_fd = Some(input.as_raw_fd());
                 session.target.resize();
             }
@@ -169,11 +175,19 @@ impl Session {
             }
             let _ = done.send(());
         });
-        if all_out.recv_timeout(OUTPUT_GRACE).is_err() {
-            log::warn!(
-                "the output of {} did not end {OUTPUT_GRACE:?} after it exited",
-                self.target.container
-            );
+        loop {
+            let moved = self.activity.moved();
+            match all_out.recv_timeout(OUTPUT_GRACE) {
+                Err(mpsc::RecvTimeoutError::Timeout) if self.activity.busy_since(moved) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    log::warn!(
+                        "the output of {} stayed open and idle {OUTPUT_GRACE:?} after it exited",
+                        self.target.container
+                    );
+                    break;
+                }
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
         Ok(status)
     }

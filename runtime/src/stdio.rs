@@ -8,6 +8,8 @@ use std::net::Shutdown;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use husk_agent_protocol::hybrid_vsock;
@@ -66,13 +68,59 @@ pub fn host_to_guest(
     })
 }
 
+/// What a process's output copies have been doing: whether one is writing to the host now (a
+/// slow reader holds it there) and how many bytes they moved so far. Tells an output that is
+/// still being taken apart from one that stopped.
+#[derive(Debug, Default)]
+pub struct OutputActivity {
+    writing: AtomicUsize,
+    moved: AtomicU64,
+}
+
+impl OutputActivity {
+    /// A copy is blocked on host output now, or bytes moved since `moved_before` (an earlier
+    /// [`Self::moved`]).
+    pub fn busy_since(&self, moved_before: u64) -> bool {
+        self.writing.load(Ordering::SeqCst) > 0 || self.moved() != moved_before
+    }
+
+    /// Bytes written to host outputs so far.
+    pub fn moved(&self) -> u64 {
+        self.moved.load(Ordering::SeqCst)
+    }
+}
+
+/// Host output that reports its writes to an [`OutputActivity`].
+struct Tracked<W> {
+    inner: W,
+    activity: Arc<OutputActivity>,
+}
+
+impl<W: Write> Write for Tracked<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.activity.writing.fetch_add(1, Ordering::SeqCst);
+        let written = self.inner.write(buf);
+        if let Ok(n) = written {
+            self.activity.moved.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        self.activity.writing.fetch_sub(1, Ordering::SeqCst);
+        written
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A guest stream to host output, until the guest ends the stream (the last byte is then
 /// written) or the host output fails (the stream is then closed, so the guest process sees a
-/// broken pipe as it would on a host).
+/// broken pipe as it would on a host). The copy reports to `activity`.
 pub fn guest_to_host(
     mut stream: UnixStream,
-    mut output: impl Write + Send + 'static,
+    output: impl Write + Send + 'static,
+    activity: &Arc<OutputActivity>,
 ) -> JoinHandle<()> {
+    let mut output = Tracked { inner: output, activity: activity.clone() };
     std::thread::spawn(move || {
         copy(&mut stream, &mut output);
         let _ = output.flush();
@@ -86,12 +134,16 @@ pub fn attach_pipes(
     container: &str,
     exec: &str,
     fds: [BorrowedFd<'_>; 3],
+    activity: &Arc<OutputActivity>,
 ) -> Result<Vec<JoinHandle<()>>, StdioError> {
     let stdin = open_stream(vsock, container, exec, StreamKind::Stdin)?;
     let stdout = open_stream(vsock, container, exec, StreamKind::Stdout)?;
     let stderr = open_stream(vsock, container, exec, StreamKind::Stderr)?;
     host_to_guest(dup(fds[0])?, stdin);
-    Ok(vec![guest_to_host(stdout, dup(fds[1])?), guest_to_host(stderr, dup(fds[2])?)])
+    Ok(vec![
+        guest_to_host(stdout, dup(fds[1])?, activity),
+        guest_to_host(stderr, dup(fds[2])?, activity),
+    ])
 }
 
 /// The standard descriptors of this process.
@@ -111,4 +163,52 @@ pub fn release_std_fds() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// `activity.moved()` once it has stopped changing.
+    fn settled(activity: &OutputActivity) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let before = activity.moved();
+            std::thread::sleep(Duration::from_millis(100));
+            if activity.moved() == before && before > 0 {
+                return before;
+            }
+            assert!(Instant::now() < deadline, "the copy never settled");
+        }
+    }
+
+    #[test]
+    fn output_held_back_by_a_slow_reader_is_busy_and_a_quiet_stream_is_not() {
+        let activity = Arc::new(OutputActivity::default());
+        let (stream, mut guest) = UnixStream::pair().unwrap();
+        let (output, mut reader) = UnixStream::pair().unwrap();
+        let copier = guest_to_host(stream, output, &activity);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!activity.busy_since(0), "nothing arrived, nothing is written");
+
+        // Far more than the sockets buffer: the copy ends up blocked on the unread output.
+        let data = vec![7u8; 8 << 20];
+        let sender = std::thread::spawn(move || {
+            guest.write_all(&data).unwrap();
+        });
+        let moved = settled(&activity);
+        assert!(moved < 8 << 20, "all of it went through an unread socket");
+        assert!(activity.busy_since(moved), "a copy blocked on its reader is busy");
+
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        while got < 8 << 20 {
+            got += reader.read(&mut buf).unwrap();
+        }
+        sender.join().unwrap();
+        copier.join().unwrap();
+        assert_eq!(activity.moved(), 8 << 20);
+        assert!(!activity.busy_since(8 << 20), "a finished copy is not busy");
+    }
 }

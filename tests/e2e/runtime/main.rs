@@ -103,6 +103,57 @@ fn run_exit_codes_the_guest_kernel_and_stdin() {
     husk.assert_nothing_left();
 }
 
+/// Output still on its way when the process exits reaches a slow reader whole, however long
+/// that takes: the guest kernel resets a closed vsock socket 8 s after close, so the agent
+/// closes a stream only after the host did, and husk waits for output that is being taken.
+#[test]
+fn output_reaches_a_slow_reader_whole_long_after_the_process_exited() {
+    let husk = Husk::new();
+    let bundle = husk.bundle("slow", &["sh", "-c", "seq 1 150000; echo exited >&2"]);
+    let mut child = husk
+        .cmd(&["run", "--bundle", bundle.to_str().unwrap(), "slow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let exited = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("exited") {
+            match stderr.read(&mut buf).unwrap() {
+                0 => return None,
+                n => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        Some(Instant::now())
+    });
+    // About 24 KiB/s: the last few hundred KiB, in buffers along the way when the process
+    // exits, take far longer than 10 s to be read.
+    let mut stdout = child.stdout.take().unwrap();
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 6144]);
+    loop {
+        match stdout.read(&mut buf).unwrap() {
+            0 => break,
+            n => got.extend_from_slice(&buf[..n]),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let last_byte = Instant::now();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let exited = exited.join().unwrap().expect("the shell reported its end on stderr");
+    let expected: String = (1..=150000).map(|n| format!("{n}\n")).collect();
+    assert!(
+        got == expected.as_bytes(),
+        "{} bytes of stdout, expected {}",
+        got.len(),
+        expected.len()
+    );
+    let tail = last_byte - exited;
+    assert!(tail > Duration::from_secs(10), "the test never made output wait: {tail:?}");
+    husk.assert_nothing_left();
+}
+
 #[test]
 fn a_terminal_through_the_console_socket_with_a_resize() {
     let husk = Husk::new();
