@@ -27,18 +27,7 @@ pub fn alive(pid: i32, started: u64) -> bool {
 /// Send `signal` to `pid` if it is still the process that started at `started`, and wait up to
 /// `timeout` for it to exit. Returns whether it is gone.
 pub fn kill_and_wait(pid: i32, started: u64, signal: i32, timeout: Duration) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
-        return true;
-    }
-    // SAFETY: `fd` is a new descriptor this function owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // The pidfd pins the process identity: checked after opening it, a signal sent through it
-    // cannot reach a later process with the same pid.
-    if !alive(pid, started) {
-        return true;
-    }
+    let Some(pidfd) = open_pidfd(pid, started) else { return true };
     // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo and no flags.
     unsafe {
         libc::syscall(
@@ -50,6 +39,26 @@ pub fn kill_and_wait(pid: i32, started: u64, signal: i32, timeout: Duration) -> 
         )
     };
     wait_exit(&pidfd, timeout)
+}
+
+/// Wait up to `timeout` for `pid`, the process that started at `started`, to exit. Returns
+/// whether it is gone.
+pub fn wait_gone(pid: i32, started: u64, timeout: Duration) -> bool {
+    open_pidfd(pid, started).is_none_or(|pidfd| wait_exit(&pidfd, timeout))
+}
+
+/// A pidfd of `pid` if it is still the process that started at `started`. The pidfd pins the
+/// process identity: checked after opening it, a signal sent or a wait through it cannot reach
+/// a later process with the same pid.
+fn open_pidfd(pid: i32, started: u64) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new descriptor this function owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    alive(pid, started).then_some(pidfd)
 }
 
 /// Wait until the process behind `pidfd` exits (it turns readable), up to `timeout`.
@@ -89,5 +98,16 @@ mod tests {
         assert!(kill_and_wait(pid, t, libc::SIGKILL, Duration::from_secs(10)));
         child.wait().unwrap();
         assert!(!alive(pid, t));
+    }
+
+    #[test]
+    fn wait_gone_waits_for_the_exit_of_that_process_only() {
+        let mut child = std::process::Command::new("sh").args(["-c", "sleep 1"]).spawn().unwrap();
+        let pid = child.id() as i32;
+        let t = start_time(pid).unwrap();
+        assert!(!wait_gone(pid, t, Duration::from_millis(100)), "it still runs");
+        assert!(wait_gone(pid, t + 1, Duration::ZERO), "another start time: not that process");
+        assert!(wait_gone(pid, t, Duration::from_secs(10)));
+        child.wait().unwrap();
     }
 }
