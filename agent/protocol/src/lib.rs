@@ -40,12 +40,16 @@
 //!   the host reads (back-pressure reaches the process through its pipe), and shuts down the
 //!   write side of the connection once the process and everything that inherited the pipe have
 //!   closed it. Nothing is lost when the host attaches late: until then the output waits in the
-//!   pipe, and a process that fills it blocks.
+//!   pipe, and a process that fills it blocks. The agent closes the connection only after the
+//!   host closed its end, so the host may take the last bytes as slowly as it likes: a closed
+//!   guest vsock socket would be reset by the guest kernel 8 s later, losing what the host had
+//!   not read yet. The host closes the connection once it has read EOF.
 //! - `stdin`: what the host writes reaches the process's stdin; when the host shuts down its
 //!   write side (or closes), the agent closes the process's stdin, which then reads EOF.
 //! - `tty`: both directions of the process's terminal (the pty master). Output ends, and the
 //!   agent shuts down its write side, when every holder of the terminal has closed it; the host
-//!   shutting down its write side ends only the input.
+//!   shutting down its write side ends only the input. As with output, the agent closes the
+//!   connection after the host did.
 //!
 //! **Exit and output.** `WaitProcess` answers as soon as the process has exited; its output may
 //! still be in flight. A host that needs all of it (as containerd does before it publishes an
