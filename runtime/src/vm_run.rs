@@ -105,6 +105,8 @@ impl VmRunArgs {
     fn vm_config(&self) -> VmConfig {
         VmConfig {
             kernel: self.kernel.clone(),
+            // The file is the caller's, who may rewrite it while the VM runs: copied.
+            share_kernel: false,
             initrd: self.initrd.clone(),
             extra_cmdline: self.cmdline.clone(),
             mem_mib: self.mem_mib,

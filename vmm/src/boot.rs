@@ -1,19 +1,22 @@
 //! Direct Linux boot: load an ELF `vmlinux` or a `bzImage` and an initramfs into guest memory,
 //! write the command line, and fill the zero page (boot_params) with the setup header, the
-//! initramfs location and the e820 memory map.
+//! initramfs location and the e820 memory map. An ELF kernel's pages may be mapped from its file
+//! rather than copied, to be shared between VMs.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
+use linux_loader::elf;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::arch::layout::{
     e820_ram_ranges, CMDLINE_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START,
 };
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{map_file_private, GuestMemoryMmap};
 
 /// "HdrS": the boot protocol signature.
 const HDR_MAGIC: u32 = 0x5372_6448;
@@ -94,8 +97,14 @@ pub struct LoadedInitrd {
 }
 
 /// Load the kernel at `path`: an ELF vmlinux (entered at its ELF entry point, which is
-/// `startup_64`) or else a bzImage (entered 0x200 bytes into its protected-mode code).
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+/// `startup_64`) or else a bzImage (entered 0x200 bytes into its protected-mode code). With
+/// `share`, an ELF kernel's file pages are then mapped rather than copied
+/// ([`VmConfig::share_kernel`](crate::config::VmConfig::share_kernel)).
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    share: bool,
+) -> Result<LoadedKernel, BootError> {
     let open_err = |source| BootError::KernelOpen { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(open_err)?;
     if file.metadata().map_err(open_err)?.is_dir() {
@@ -104,11 +113,15 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     let himem = Some(GuestAddress(HIMEM_START));
     let elf_err = match Elf::load(mem, None, &mut file, himem) {
         Ok(result) => {
+            if share {
+                let shared = share_kernel_pages(mem, &file);
+                log::debug!("kernel {}: {} KiB mapped from the file", path.display(), shared >> 10);
+            }
             return Ok(LoadedKernel {
                 entry: result.kernel_load,
                 end: result.kernel_end,
                 setup_header: None,
-            })
+            });
         }
         Err(e @ loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => e,
         Err(source) => return Err(BootError::KernelLoad { path: path.to_owned(), source }),
@@ -124,6 +137,46 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         }
         Err(source) => Err(BootError::KernelLoad { path: path.to_owned(), source }),
     }
+}
+
+/// Replace the guest pages that hold a loaded ELF kernel's file contents with private mappings
+/// of the kernel file ([`map_file_private`]): the same bytes, but page cache pages that every VM
+/// booting this kernel shares until its guest writes one. Returns the bytes shared; a segment
+/// that cannot be mapped keeps its copy.
+fn share_kernel_pages(mem: &GuestMemoryMmap, file: &File) -> u64 {
+    let mut ehdr = elf::Elf64_Ehdr::default();
+    if file.read_exact_at(ehdr.as_mut_slice(), 0).is_err()
+        || usize::from(ehdr.e_phentsize) != std::mem::size_of::<elf::Elf64_Phdr>()
+    {
+        return 0;
+    }
+    let mut shared = 0;
+    for i in 0..u64::from(ehdr.e_phnum) {
+        let mut phdr = elf::Elf64_Phdr::default();
+        let at = ehdr.e_phoff.saturating_add(i * std::mem::size_of::<elf::Elf64_Phdr>() as u64);
+        if file.read_exact_at(phdr.as_mut_slice(), at).is_err() {
+            return shared;
+        }
+        if phdr.p_type != elf::PT_LOAD {
+            continue;
+        }
+        // The whole pages of the segment's file bytes, where file and guest pages line up.
+        let Some(start) = phdr.p_paddr.checked_next_multiple_of(PAGE_SIZE) else { continue };
+        let Some(end) = phdr.p_paddr.checked_add(phdr.p_filesz).map(|e| e & !(PAGE_SIZE - 1))
+        else {
+            continue;
+        };
+        let offset = phdr.p_offset.wrapping_add(start - phdr.p_paddr);
+        if end <= start || !offset.is_multiple_of(PAGE_SIZE) {
+            continue;
+        }
+        let len = end - start;
+        match map_file_private(mem, GuestAddress(start), len as usize, file, offset) {
+            Ok(()) => shared += len,
+            Err(e) => log::debug!("kernel segment at {start:#x}: keeping the copy: {e}"),
+        }
+    }
+    shared
 }
 
 /// Copy the initramfs at `path` to the highest page-aligned spot of low memory (below the MMIO
@@ -195,6 +248,7 @@ mod tests {
     use super::*;
     use crate::arch::layout::CMDLINE_MAX_SIZE;
     use std::io::Write;
+    use vm_memory::GuestMemoryBackend;
 
     fn mem(size: usize) -> crate::memory::GuestRam {
         crate::memory::create_guest_memory(&[(GuestAddress(0), size)]).unwrap()
@@ -209,7 +263,7 @@ mod tests {
     #[test]
     fn garbage_is_not_a_kernel() {
         let path = temp_file("garbage", &[0x42; 8192]);
-        let err = load_kernel(&mem(64 << 20), &path).unwrap_err();
+        let err = load_kernel(&mem(64 << 20), &path, true).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         assert!(err.to_string().contains("is not a kernel"));
@@ -217,10 +271,44 @@ mod tests {
 
     #[test]
     fn missing_kernel_and_directory_are_open_errors() {
-        let err = load_kernel(&mem(1 << 20), Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let err = load_kernel(&mem(1 << 20), Path::new("/nonexistent/vmlinux"), false).unwrap_err();
         assert!(matches!(err, BootError::KernelOpen { .. }), "{err}");
-        let err = load_kernel(&mem(1 << 20), Path::new("/")).unwrap_err();
+        let err = load_kernel(&mem(1 << 20), Path::new("/"), false).unwrap_err();
         assert!(matches!(err, BootError::KernelOpen { .. }), "{err}");
+    }
+
+    /// The file mapped at `host` in this process, if any.
+    fn file_mapped_at(host: usize) -> Option<String> {
+        std::fs::read_to_string("/proc/self/maps").unwrap().lines().find_map(|l| {
+            let mut fields = l.split_whitespace();
+            let (lo, hi) = fields.next()?.split_once('-')?;
+            let (lo, hi) =
+                (usize::from_str_radix(lo, 16).ok()?, usize::from_str_radix(hi, 16).ok()?);
+            (lo..hi).contains(&host).then(|| fields.nth(4).unwrap_or("").to_string())
+        })
+    }
+
+    #[test]
+    fn a_shared_elf_kernel_is_mapped_from_its_file_in_whole_pages() {
+        // Two and a half pages of code: two whole pages are mapped, the half page is copied.
+        let code: Vec<u8> = (0..10240u32).map(|i| (i % 253) as u8).collect();
+        let path = temp_file("shared.elf", &husk_tests::tiny_guest::elf_image(&code));
+        let load = husk_tests::tiny_guest::LOAD_ADDR;
+        for share in [false, true] {
+            let m = mem(16 << 20);
+            let kernel = load_kernel(&m, &path, share).unwrap();
+            assert_eq!(kernel.entry, GuestAddress(load));
+            let mut got = vec![0u8; code.len()];
+            m.read_slice(&mut got, GuestAddress(load)).unwrap();
+            assert!(got == code, "the guest sees the kernel's bytes (share: {share})");
+            let name = path.to_str().unwrap();
+            for (offset, mapped) in [(0, share), (4096, share), (8192, false)] {
+                let host = m.get_host_address(GuestAddress(load + offset)).unwrap() as usize;
+                let file = file_mapped_at(host).unwrap();
+                assert_eq!(file == name, mapped, "page at +{offset:#x} (share: {share}): {file:?}");
+            }
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! entries, so a booting guest takes one fault per 2 MiB instead of one per 4 KiB (a fiftieth
 //! of the faults in a kernel boot, which is what the guest waits on under nested KVM).
 //!
+//! Boot may then replace pages of it with private mappings of a file ([`map_file_private`]):
+//! the kernel's text, whose page cache pages all VMs booting that kernel then share.
+//!
 //! vm-memory cannot place a mapping on a boundary, so [`GuestRam`] makes and owns the mappings
 //! and hands vm-memory unowned regions over them; it unmaps them only once no copy of the
 //! guest memory is left.
@@ -18,7 +21,7 @@ use std::ptr::null_mut;
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestRegionMmap as Region};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionMmap as Region};
 
 /// One mapped region of guest memory.
 pub type GuestRegionMmap = Region<()>;
@@ -141,6 +144,48 @@ impl Drop for GuestRam {
     }
 }
 
+/// Back `len` bytes of guest memory at `addr` with a private mapping of `file` from `offset`:
+/// the guest then reads the file's bytes there, from page cache pages shared with every other
+/// mapping of the file, until it writes a page (which gets a copy of its own). `addr`,
+/// `offset` and `len` must be page-aligned, the range must lie in one region, and the file
+/// must hold `len` bytes from `offset`. Meant for boot, before any vCPU runs: what was in the
+/// range before is gone.
+pub fn map_file_private(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    file: &std::fs::File,
+    offset: u64,
+) -> io::Result<()> {
+    let page = 4096u64;
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
+    let aligned = [addr.0, offset, len as u64].iter().all(|n| n.is_multiple_of(page));
+    if !aligned || len == 0 {
+        return Err(invalid("unaligned file mapping"));
+    }
+    let end = offset.checked_add(len as u64).ok_or_else(|| invalid("offset overflows"))?;
+    if file.metadata()?.len() < end {
+        return Err(invalid("the file is shorter than the mapping"));
+    }
+    let host = mem
+        .get_slice(addr, len)
+        .map_err(|e| invalid(&format!("not one guest memory range: {e}")))?
+        .ptr_guard_mut()
+        .as_ptr();
+    let offset = libc::off_t::try_from(offset).map_err(|_| invalid("offset too large"))?;
+    let flags = libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE;
+    // SAFETY: `host..host + len` is guest memory of one region (get_slice checked), inside a
+    // mapping GuestRam owns and unmaps as a whole; MAP_FIXED replaces exactly those pages, so
+    // no other mapping of this process is touched and the region's pointer stays valid.
+    let mapped = unsafe {
+        libc::mmap(host.cast(), len, PROT, flags, std::os::fd::AsRawFd::as_raw_fd(file), offset)
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Map `regions` (guest address, size in bytes, whole pages) as guest memory.
 pub fn create_guest_memory(regions: &[(GuestAddress, usize)]) -> Result<GuestRam, MemoryError> {
     let mut mappings = Vec::with_capacity(regions.len());
@@ -169,7 +214,8 @@ pub fn create_guest_memory(regions: &[(GuestAddress, usize)]) -> Result<GuestRam
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use std::io::Write;
+    use vm_memory::Bytes;
 
     #[test]
     fn maps_regions_lazily() {
@@ -219,6 +265,83 @@ mod tests {
         assert!(is_mapped(host));
         drop(ram);
         assert!(!is_mapped(host), "no user left: unmapped");
+    }
+
+    /// The `Pss` and `Private_Dirty` KiB of this process's mapping that holds `addr`.
+    fn sharing_of(addr: usize) -> (u64, u64) {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(l) = lines.next() {
+            let Some((lo, hi)) = l.split_once(' ').and_then(|(r, _)| r.split_once('-')) else {
+                continue;
+            };
+            let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            else {
+                continue;
+            };
+            if (lo..hi).contains(&addr) {
+                let mut field = |name: &str| {
+                    lines
+                        .find_map(|l| l.strip_prefix(name))
+                        .unwrap()
+                        .trim()
+                        .split(' ')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                let pss = field("Pss:");
+                return (pss, field("Private_Dirty:"));
+            }
+        }
+        panic!("{addr:#x} is not mapped");
+    }
+
+    #[test]
+    fn a_file_mapping_shows_the_file_and_keeps_the_guests_writes_private() {
+        let mut file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        let bytes: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&bytes).unwrap();
+        let ram = create_guest_memory(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        ram.write_slice(&[0xaa; 8192], GuestAddress(1 << 20)).unwrap();
+        map_file_private(&ram, GuestAddress(1 << 20), 8192, &file, 4096).unwrap();
+        let mut got = [0u8; 8192];
+        ram.read_slice(&mut got, GuestAddress(1 << 20)).unwrap();
+        assert!(got[..] == bytes[4096..], "the guest reads the file's pages");
+        // A second mapping of the same file (another VM): the pages are the same page cache
+        // pages, shared.
+        let other = create_guest_memory(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        map_file_private(&other, GuestAddress(0), 8192, &file, 4096).unwrap();
+        other.read_slice(&mut got, GuestAddress(0)).unwrap();
+        let host = ram.get_host_address(GuestAddress(1 << 20)).unwrap() as usize;
+        assert_eq!(sharing_of(host), (4, 0), "two pages, each half this mapping's: shared");
+
+        ram.write_obj(7u8, GuestAddress(1 << 20)).unwrap();
+        assert_eq!(sharing_of(host), (6, 4), "a written page becomes the guest's own");
+        let mut first = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut first, 4096).unwrap();
+        assert_eq!(first[0], bytes[4096], "the file is untouched");
+        assert_eq!(other.read_obj::<u8>(GuestAddress(0)).unwrap(), bytes[4096]);
+    }
+
+    #[test]
+    fn file_mappings_that_do_not_fit_are_refused() {
+        let mut file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        file.write_all(&[1u8; 8192]).unwrap();
+        let ram =
+            create_guest_memory(&[(GuestAddress(0), 2 << 20), (GuestAddress(2 << 20), 2 << 20)])
+                .unwrap();
+        let map = |addr: u64, len: usize, offset: u64| {
+            map_file_private(&ram, GuestAddress(addr), len, &file, offset)
+        };
+        assert!(map(100, 4096, 0).is_err(), "unaligned guest address");
+        assert!(map(0, 4096, 100).is_err(), "unaligned offset");
+        assert!(map(0, 100, 0).is_err(), "partial page");
+        assert!(map(0, 3 * 4096, 0).is_err(), "beyond the end of the file");
+        assert!(map((2 << 20) - 4096, 8192, 0).is_err(), "across two regions");
+        assert!(map(8 << 20, 4096, 0).is_err(), "outside guest memory");
+        assert!(map(0, 8192, 0).is_ok());
     }
 
     #[test]

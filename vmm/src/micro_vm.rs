@@ -216,6 +216,11 @@ impl MicroVm {
         let reset_evt = eventfd()?;
         let boot_time = attach_legacy_devices(&mut builder, config, start, &stop, &reset_evt)?;
         attach_virtio_devices(&mut builder, config)?;
+        if config.share_kernel && config.vcpus == 1 {
+            // A kernel booting on one CPU rewrites every `lock` prefix of its text, which would
+            // give each guest its own copy of most of the text pages it shares with the others.
+            builder.cmdline.insert_str("noreplace-smp")?;
+        }
         if !config.extra_cmdline.trim().is_empty() {
             builder.cmdline.insert_str(config.extra_cmdline.trim())?;
         }
@@ -380,7 +385,7 @@ fn load_guest(
     config: &VmConfig,
     cmdline: &Cmdline,
 ) -> Result<GuestAddress, VmmError> {
-    let kernel = boot::load_kernel(mem, &config.kernel)?;
+    let kernel = boot::load_kernel(mem, &config.kernel, config.share_kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(boot::load_initrd(mem, config.mem_bytes(), kernel.end, path)?),
         None => None,

@@ -22,6 +22,7 @@ fn require_kvm() {
 fn config(dir: &TempDir, code: &[u8]) -> VmConfig {
     VmConfig {
         kernel: dir.write("tiny.elf", &elf_image(code)),
+        share_kernel: false,
         initrd: None,
         extra_cmdline: "husk.test=tiny".into(),
         mem_mib: 32,
@@ -83,6 +84,25 @@ fn boots_in_long_mode_prints_and_resets() {
     assert!(cmdline.starts_with("console=ttyS0 reboot=k"), "{cmdline}");
     assert!(cmdline.ends_with("husk.test=tiny"), "the extra command line is appended: {cmdline}");
     assert!(outcome.boot_time.is_some(), "the boot timer write was recorded");
+}
+
+/// With `share_kernel`, the guest runs code straight from the kernel file's pages (its first
+/// page holds the whole program), with `noreplace-smp` on the command line of a 1-vCPU guest.
+#[test]
+fn a_kernel_mapped_from_its_file_runs() {
+    require_kvm();
+    let dir = TempDir::new("shared-kernel");
+    let mut code = boot_checks_program();
+    assert!(code.len() < 4096);
+    code.resize(8192, 0);
+    let mut config = config(&dir, &code);
+    config.share_kernel = true;
+    let outcome = run(&config).expect("tiny guest runs");
+    assert_eq!(outcome.exit, GuestExit::Reset);
+    let out = console(&dir);
+    assert!(out.contains("LONG MODE OK\n"), "console: {out:?}");
+    let cmdline = out.lines().find_map(|l| l.strip_prefix("cmdline: ")).expect("cmdline printed");
+    assert!(cmdline.contains(" noreplace-smp husk.test=tiny"), "{cmdline}");
 }
 
 #[test]
