@@ -10,6 +10,7 @@ mod console;
 mod container;
 mod hooks;
 mod host_cgroup;
+mod kernel_copy;
 mod logging;
 mod network;
 mod rootfs_image;

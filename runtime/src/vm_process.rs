@@ -25,6 +25,7 @@ use crate::bundle::Bundle;
 use crate::container::{console_path, vsock_path, Record};
 use crate::hooks::{self, Stage};
 use crate::host_cgroup;
+use crate::kernel_copy;
 use crate::network::{self, GuestNetwork, Network, NetworkRecord, Placement};
 use crate::session::{Session, TerminalMode};
 use crate::settings::Settings;
@@ -88,8 +89,10 @@ pub fn boot_and_create(
         .with_context(|| format!("cannot open the container's directory {}", dir.display()))?;
     host_cgroup::join(&bundle.oci);
     let network = join_network(dir, record, bundle)?;
+    let kernel = kernel_copy::pinned(&settings.kernel, &settings.cache_dir)?;
     let config = VmConfig {
-        kernel: settings.kernel.clone(),
+        kernel,
+        share_kernel: true,
         initrd: Some(settings.initrd.clone()),
         extra_cmdline: settings.kernel_cmdline.clone(),
         mem_mib: bundle.guest_mem_mib(settings),
