@@ -1,5 +1,5 @@
 # husk: build, run and test.
-#   make run     boot the guest kernel with the test initramfs in a husk micro-VM
+#   make run     run a busybox container in a husk micro-VM (`husk run` on an OCI bundle)
 #   make test    unit tests, KVM plumbing tests, then the end-to-end suites (nested test host)
 #   make bench   benchmarks (results: docs/benchmarks.md)
 
@@ -13,6 +13,10 @@ GUEST_IMAGE := $(BUILD)/guest-image.cpio.gz
 # so it is made here, once).
 DEBIAN_ROOTFS := $(BUILD)/debian-rootfs
 DEBIAN_MIRROR ?= http://deb.debian.org/debian
+# `make run`'s OCI bundle (busybox-static) and the state and cache of its husk.
+DEMO_BUNDLE := $(BUILD)/demo-bundle
+DEMO_ENV = HUSK_KERNEL=$(KERNEL) HUSK_INITRD=$(CURDIR)/$(GUEST_IMAGE) HUSK_CONFIG=/nonexistent \
+	HUSK_CACHE_DIR=/tmp/husk-demo-cache
 AGENT_MUSL := target/x86_64-unknown-linux-musl/release/husk-agent
 HUSK := target/release/husk
 NESTED := $(CURDIR)/tests/nested/run
@@ -62,15 +66,17 @@ $(DEBIAN_ROOTFS)/etc/debian_version:
 check-kernel:
 	@test -f "$(KERNEL)" || { echo "guest kernel $(KERNEL) is missing (set KERNEL=...)" >&2; exit 1; }
 
-# Boot the guest and print what it prints. Without hardware KVM here, boot it inside the
-# nested test host (QEMU with emulated SVM).
-run: deps build check-kernel
+# Run a busybox container in a micro-VM with `husk run`, as runc runs a bundle: it prints its
+# kernel (the guest's), CPUs and memory (the VM's). Without hardware KVM here, inside the nested
+# test host (QEMU with emulated SVM).
+run: deps husk guest-image check-kernel
+	tests/busybox-bundle.sh $(DEMO_BUNDLE)
 ifeq ($(HAVE_HW_KVM),yes)
-	$(HUSK) vm run --kernel $(KERNEL) --initrd $(TEST_INITRAMFS) --vcpus 2 --mem-mib 256 </dev/null
+	env $(DEMO_ENV) $(HUSK) --root /run/husk-demo run --bundle $(DEMO_BUNDLE) demo-$$$$ </dev/null
 else
-	@echo "make run: no hardware KVM on this machine; booting inside the nested test host" >&2
-	$(NESTED) -- $(CURDIR)/$(HUSK) vm run --kernel $(KERNEL) --initrd $(CURDIR)/$(TEST_INITRAMFS) \
-		--vcpus 2 --mem-mib 256 --cmdline "$(NESTED_CMDLINE)" </dev/null
+	@echo "make run: no hardware KVM on this machine; running inside the nested test host" >&2
+	$(NESTED) -- env $(DEMO_ENV) HUSK_KERNEL_CMDLINE="$(NESTED_CMDLINE)" \
+		$(CURDIR)/$(HUSK) --root /run/husk-demo run --bundle $(CURDIR)/$(DEMO_BUNDLE) demo </dev/null
 endif
 
 test: deps
