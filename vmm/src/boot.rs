@@ -277,17 +277,6 @@ mod tests {
         assert!(matches!(err, BootError::KernelOpen { .. }), "{err}");
     }
 
-    /// The file mapped at `host` in this process, if any.
-    fn file_mapped_at(host: usize) -> Option<String> {
-        std::fs::read_to_string("/proc/self/maps").unwrap().lines().find_map(|l| {
-            let mut fields = l.split_whitespace();
-            let (lo, hi) = fields.next()?.split_once('-')?;
-            let (lo, hi) =
-                (usize::from_str_radix(lo, 16).ok()?, usize::from_str_radix(hi, 16).ok()?);
-            (lo..hi).contains(&host).then(|| fields.nth(4).unwrap_or("").to_string())
-        })
-    }
-
     #[test]
     fn a_shared_elf_kernel_is_mapped_from_its_file_in_whole_pages() {
         // Two and a half pages of code: two whole pages are mapped, the half page is copied.
@@ -304,7 +293,7 @@ mod tests {
             let name = path.to_str().unwrap();
             for (offset, mapped) in [(0, share), (4096, share), (8192, false)] {
                 let host = m.get_host_address(GuestAddress(load + offset)).unwrap() as usize;
-                let file = file_mapped_at(host).unwrap();
+                let file = crate::memory::mapping_at(host).unwrap();
                 assert_eq!(file == name, mapped, "page at +{offset:#x} (share: {share}): {file:?}");
             }
         }

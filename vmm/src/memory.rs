@@ -211,6 +211,23 @@ pub fn create_guest_memory(regions: &[(GuestAddress, usize)]) -> Result<GuestRam
     Ok(GuestRam { mem, regions: arcs, mappings })
 }
 
+/// The address range a `/proc/self/maps` (or `smaps` header) line describes.
+#[cfg(test)]
+fn maps_range(line: &str) -> Option<std::ops::Range<usize>> {
+    let (lo, hi) = line.split_once(' ')?.0.split_once('-')?;
+    Some(usize::from_str_radix(lo, 16).ok()?..usize::from_str_radix(hi, 16).ok()?)
+}
+
+/// The file mapped at `addr` in this process (empty for anonymous memory), or None where
+/// nothing is mapped.
+#[cfg(test)]
+pub(crate) fn mapping_at(addr: usize) -> Option<String> {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().find_map(|l| {
+        let path = l.split_whitespace().nth(5).unwrap_or("");
+        maps_range(l)?.contains(&addr).then(|| path.to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,12 +258,7 @@ mod tests {
 
     /// Whether `addr` lies in a mapping of this process.
     fn is_mapped(addr: usize) -> bool {
-        std::fs::read_to_string("/proc/self/maps").unwrap().lines().any(|l| {
-            let (lo, hi) = l.split_once(' ').unwrap().0.split_once('-').unwrap();
-            let (lo, hi) =
-                (usize::from_str_radix(lo, 16).unwrap(), usize::from_str_radix(hi, 16).unwrap());
-            (lo..hi).contains(&addr)
-        })
+        mapping_at(addr).is_some()
     }
 
     #[test]
@@ -272,14 +284,7 @@ mod tests {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut lines = smaps.lines();
         while let Some(l) = lines.next() {
-            let Some((lo, hi)) = l.split_once(' ').and_then(|(r, _)| r.split_once('-')) else {
-                continue;
-            };
-            let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-            else {
-                continue;
-            };
-            if (lo..hi).contains(&addr) {
+            if maps_range(l).is_some_and(|range| range.contains(&addr)) {
                 let mut field = |name: &str| {
                     lines
                         .find_map(|l| l.strip_prefix(name))
