@@ -14,8 +14,10 @@ use serde_json::{json, Value};
 use crate::agent::{self, ctx, describe};
 use crate::cli::{ExecArgs, ExecProcessArgs, GlobalArgs};
 use crate::commands::create::check_console;
-use crate::commands::{agent_of, refuse_preserved_fds, self_command, write_pid_file, NOT_RUNNING};
-use crate::container::{vsock_path, Container, Status};
+use crate::commands::{
+    agent_of, refuse_preserved_fds, self_command, vm_ended, write_pid_file, NOT_RUNNING,
+};
+use crate::container::{vsock_path, Container, Record, Status};
 use crate::session::{Session, TerminalMode};
 use crate::signals;
 use crate::sync_pipe::{spawn_reported, SyncWriter};
@@ -62,7 +64,7 @@ pub fn run(global: &GlobalArgs, args: &ExecArgs) -> anyhow::Result<i32> {
     if let Some(pid_file) = &args.pid_file {
         write_pid_file(pid_file, std::process::id() as i32)?;
     }
-    Ok(finish(&client, session, &args.id, &exec_id))
+    Ok(finish(&client, session, &record, &exec_id))
 }
 
 /// `husk exec-process`: the background process of `exec --detach`.
@@ -75,16 +77,17 @@ pub fn exec_process(global: &GlobalArgs, args: &ExecProcessArgs) -> i32 {
     let started = (|| {
         let process: Value = serde_json::from_slice(&std::fs::read(&args.process)?)?;
         let _ = std::fs::remove_file(&args.process);
+        let record = Container::open(&global.root, &args.id)?.load()?;
         let vsock = vsock_path(&global.root.join(&args.id));
         let client = agent::connect(&vsock).map_err(|_| anyhow!(NOT_RUNNING))?;
         let terminal = process["terminal"].as_bool().unwrap_or(false);
         // `exec` refused a terminal without a console socket.
         let mode = TerminalMode::for_process(terminal, args.console_socket.as_deref());
         let session = start_exec(&client, &vsock, &args.id, &args.exec_id, &process, &mode, true)?;
-        anyhow::Ok((client, session))
+        anyhow::Ok((client, session, record))
     })();
     match started {
-        Ok((client, session)) => {
+        Ok((client, session, record)) => {
             if sync.is_some_and(|sync| !sync.report(Ok(()))) {
                 log::error!("husk exec went away before the exec was reported; ending it");
                 let mut req = pb::SignalProcessRequest::new();
@@ -93,7 +96,7 @@ pub fn exec_process(global: &GlobalArgs, args: &ExecProcessArgs) -> i32 {
                 req.signal = libc::SIGKILL as u32;
                 let _ = client.signal_process(ctx(), &req);
             }
-            finish(&client, session, &args.id, &args.exec_id)
+            finish(&client, session, &record, &args.exec_id)
         }
         Err(e) => {
             log::error!("{e:#}");
@@ -127,10 +130,17 @@ fn start_exec(
 }
 
 /// Wait for the exec to end, forget it in the agent, and return its exit status.
-fn finish(client: &AgentClient, session: Session, id: &str, exec_id: &str) -> i32 {
+fn finish(client: &AgentClient, session: Session, record: &Record, exec_id: &str) -> i32 {
     session.forward_signals();
+    let id = &record.id;
     let code = match session.wait() {
         Ok(status) => status.exit_status,
+        // The VM went down under the wait: the exec was killed with the container, as the
+        // processes of a container whose init dies are (its pid namespace goes with it).
+        Err(e) if vm_ended(record) => {
+            log::debug!("exec {exec_id} in {id} ended with its VM: {e:#}");
+            128 + libc::SIGKILL
+        }
         Err(e) => {
             log::error!("exec {exec_id} in {id}: {e:#}");
             255

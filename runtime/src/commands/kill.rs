@@ -1,18 +1,13 @@
 //! `husk kill`: send a signal to a container's process, or with --all to every process in it.
 
-use std::time::Duration;
-
 use anyhow::anyhow;
 use husk_agent_protocol::agent as pb;
 
 use crate::agent::{ctx, describe};
 use crate::cli::{GlobalArgs, KillArgs};
-use crate::commands::{agent_of, NOT_RUNNING};
-use crate::container::{process, Container, Status};
+use crate::commands::{agent_of, vm_ended, NOT_RUNNING};
+use crate::container::{Container, Status};
 use crate::signals;
-
-/// How long the VM process may take to exit after its agent went away during a kill.
-const VM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(global: &GlobalArgs, args: &KillArgs) -> anyhow::Result<()> {
     let signal =
@@ -30,7 +25,7 @@ pub fn run(global: &GlobalArgs, args: &KillArgs) -> anyhow::Result<()> {
     // container stopped as it was signalled (a KILL of its last process can end the VM before
     // the agent's reply gets out), and the signal did its work.
     let disconnected = !matches!(e, ttrpc::Error::RpcStatus(_));
-    if disconnected && process::wait_gone(record.pid, record.pid_start_time, VM_EXIT_TIMEOUT) {
+    if disconnected && vm_ended(&record) {
         log::debug!("the VM of {} ended as it was signalled: {}", args.id, describe(&e));
         return Ok(());
     }

@@ -44,6 +44,14 @@ pub fn settings(global: &GlobalArgs) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
+/// Whether the container's VM process ends within a few seconds: asked after a request to its
+/// agent broke off, which is what a VM going down under the request looks like (the container's
+/// last process died, or it was deleted).
+pub fn vm_ended(record: &Record) -> bool {
+    const VM_EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    crate::container::process::wait_gone(record.pid, record.pid_start_time, VM_EXIT_TIMEOUT)
+}
+
 /// A client of the agent in the VM of a container that must be in one of `allowed` states.
 pub fn agent_of(
     container: &Container,
