@@ -11,6 +11,7 @@ use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device::RX_QUEUE_SIZE;
 use super::packet::{op, VsockHeader, HDR_LEN, TYPE_STREAM};
 use super::{Vsock, VsockConfig, HOST_CID};
 use crate::devices::virtio::device::Interrupt;
@@ -100,7 +101,7 @@ impl Harness {
         let mut em = EventManager::new().unwrap();
         em.add_subscriber(vsock.clone());
         let mut harness = Harness {
-            rxq: QueueDriver::new(&mem, RXQ_BASE, 256),
+            rxq: QueueDriver::new(&mem, RXQ_BASE, RX_QUEUE_SIZE),
             txq: QueueDriver::new(&mem, TXQ_BASE, 256),
             evq: QueueDriver::new(&mem, EVQ_BASE, 256),
             dir,
@@ -119,7 +120,7 @@ impl Harness {
 
     /// Reset the device's queues on the driver side and bring it up with `features`.
     pub fn activate(&mut self, features: u64) {
-        self.rxq = QueueDriver::new(&self.mem, RXQ_BASE, 256);
+        self.rxq = QueueDriver::new(&self.mem, RXQ_BASE, RX_QUEUE_SIZE);
         self.txq = QueueDriver::new(&self.mem, TXQ_BASE, 256);
         self.evq = QueueDriver::new(&self.mem, EVQ_BASE, 256);
         self.rx_next = 0;
@@ -166,7 +167,7 @@ impl Harness {
     pub fn post_rx(&mut self, n: usize) {
         for _ in 0..n {
             let head = self.rx_next;
-            self.rx_next = (head + 1) % 256;
+            self.rx_next = (head + 1) % RX_QUEUE_SIZE;
             self.rxq.write_descriptor(head, rx_slot(head), self.rx_buf_len, VIRTQ_DESC_F_WRITE, 0);
             self.rxq.publish(head);
         }
@@ -216,9 +217,9 @@ impl Harness {
     pub fn post_raw_rx(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
         let head = self.rx_next;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            self.rxq.write_descriptor((head + i as u16) % 256, addr, len, flags, next);
+            self.rxq.write_descriptor((head + i as u16) % RX_QUEUE_SIZE, addr, len, flags, next);
         }
-        self.rx_next = (head + descs.len() as u16) % 256;
+        self.rx_next = (head + descs.len() as u16) % RX_QUEUE_SIZE;
         self.rxq.publish(head);
         write_reg(&mut self.transport, 0x50, 0);
         head
