@@ -17,7 +17,7 @@ DEBIAN_MIRROR ?= http://deb.debian.org/debian
 DEMO_BUNDLE := $(BUILD)/demo-bundle
 DEMO_ENV = HUSK_KERNEL=$(KERNEL) HUSK_INITRD=$(CURDIR)/$(GUEST_IMAGE) HUSK_CONFIG=/nonexistent \
 	HUSK_CACHE_DIR=/tmp/husk-demo-cache
-AGENT_MUSL := target/x86_64-unknown-linux-musl/release/husk-agent
+AGENT_MUSL := target/x86_64-unknown-linux-musl/guest/husk-agent
 HUSK := target/release/husk
 NESTED := $(CURDIR)/tests/nested/run
 # Guests inside the nested test host run at emulation speed: skip PIT calibration.
@@ -49,7 +49,7 @@ $(TEST_INITRAMFS): guest-image/build-test-initramfs.sh guest-image/test-initramf
 
 # The guest image: the static husk-agent as /init (cargo decides what to rebuild).
 guest-image:
-	$(CARGO) build --release --target x86_64-unknown-linux-musl -p husk-agent
+	$(CARGO) build --profile guest --target x86_64-unknown-linux-musl -p husk-agent
 	guest-image/build-guest-image.sh $(AGENT_MUSL) $(GUEST_IMAGE)
 
 # debootstrap into a temporary directory and rename it at the end, so that an interrupted run

@@ -10,7 +10,7 @@ agent=${1:?usage: build-guest-image.sh AGENT_BINARY OUTPUT}
 out=${2:?usage: build-guest-image.sh AGENT_BINARY OUTPUT}
 
 command -v cpio >/dev/null || { echo "build-guest-image: cpio is missing (apt-get install cpio)" >&2; exit 1; }
-[ -x "$agent" ] || { echo "build-guest-image: $agent is missing (cargo build --release --target x86_64-unknown-linux-musl -p husk-agent)" >&2; exit 1; }
+[ -x "$agent" ] || { echo "build-guest-image: $agent is missing (cargo build --profile guest --target x86_64-unknown-linux-musl -p husk-agent)" >&2; exit 1; }
 file -L "$agent" 2>/dev/null | grep -qE 'statically linked|static-pie linked' \
 	|| { echo "build-guest-image: $agent is not a static binary (build it for x86_64-unknown-linux-musl)" >&2; exit 1; }
 
