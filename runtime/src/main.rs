@@ -3,6 +3,7 @@
 //! benchmarks and people debugging guests.
 
 mod agent;
+mod boot_files;
 mod bundle;
 mod cli;
 mod commands;
@@ -10,7 +11,6 @@ mod console;
 mod container;
 mod hooks;
 mod host_cgroup;
-mod kernel_copy;
 mod logging;
 mod network;
 mod rootfs_image;

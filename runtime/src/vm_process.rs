@@ -21,11 +21,11 @@ use vmm::micro_vm::{MicroVm, VmOutcome, VmmError};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{self, ctx, describe};
+use crate::boot_files::{self, BootFile};
 use crate::bundle::Bundle;
 use crate::container::{console_path, vsock_path, Record};
 use crate::hooks::{self, Stage};
 use crate::host_cgroup;
-use crate::kernel_copy;
 use crate::network::{self, GuestNetwork, Network, NetworkRecord, Placement};
 use crate::session::{Session, TerminalMode};
 use crate::settings::Settings;
@@ -89,11 +89,12 @@ pub fn boot_and_create(
         .with_context(|| format!("cannot open the container's directory {}", dir.display()))?;
     host_cgroup::join(&bundle.oci);
     let network = join_network(dir, record, bundle)?;
-    let kernel = kernel_copy::pinned(&settings.kernel, &settings.cache_dir)?;
+    let kernel = boot_files::pinned(BootFile::Kernel, &settings.kernel, &settings.cache_dir)?;
+    let initrd = boot_files::pinned(BootFile::Initramfs, &settings.initrd, &settings.cache_dir)?;
     let config = VmConfig {
         kernel,
-        share_kernel: true,
-        initrd: Some(settings.initrd.clone()),
+        share_boot_files: true,
+        initrd: Some(initrd),
         extra_cmdline: settings.kernel_cmdline.clone(),
         mem_mib: bundle.guest_mem_mib(settings),
         vcpus: bundle.guest_vcpus(settings),

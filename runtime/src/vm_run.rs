@@ -106,7 +106,7 @@ impl VmRunArgs {
         VmConfig {
             kernel: self.kernel.clone(),
             // The file is the caller's, who may rewrite it while the VM runs: copied.
-            share_kernel: false,
+            share_boot_files: false,
             initrd: self.initrd.clone(),
             extra_cmdline: self.cmdline.clone(),
             mem_mib: self.mem_mib,

@@ -1,9 +1,10 @@
 //! Direct Linux boot: load an ELF `vmlinux` or a `bzImage` and an initramfs into guest memory,
 //! write the command line, and fill the zero page (boot_params) with the setup header, the
-//! initramfs location and the e820 memory map. An ELF kernel's pages may be mapped from its file
-//! rather than copied, to be shared between VMs.
+//! initramfs location and the e820 memory map. An ELF kernel's pages and the initramfs's may be
+//! mapped from their files rather than copied, to be shared between VMs.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -99,7 +100,7 @@ pub struct LoadedInitrd {
 /// Load the kernel at `path`: an ELF vmlinux (entered at its ELF entry point, which is
 /// `startup_64`) or else a bzImage (entered 0x200 bytes into its protected-mode code). With
 /// `share`, an ELF kernel's file pages are then mapped rather than copied
-/// ([`VmConfig::share_kernel`](crate::config::VmConfig::share_kernel)).
+/// ([`VmConfig::share_boot_files`](crate::config::VmConfig::share_boot_files)).
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -179,13 +180,16 @@ fn share_kernel_pages(mem: &GuestMemoryMmap, file: &File) -> u64 {
     shared
 }
 
-/// Copy the initramfs at `path` to the highest page-aligned spot of low memory (below the MMIO
-/// gap and `mem_size`) that leaves the kernel, which ends at `kernel_end`, untouched.
+/// Put the initramfs at `path` at the highest page-aligned spot of low memory (below the MMIO
+/// gap and `mem_size`) that leaves the kernel, which ends at `kernel_end`, untouched. Copied;
+/// with `share`, its whole pages are mapped from the file instead (as the kernel's are) and
+/// only the partial last page is copied.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     kernel_end: u64,
     path: &Path,
+    share: bool,
 ) -> Result<LoadedInitrd, BootError> {
     let read_err = |source| BootError::InitrdRead { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(read_err)?;
@@ -200,7 +204,16 @@ pub fn load_initrd(
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= kernel_end.max(HIMEM_START))
         .ok_or_else(|| BootError::InitrdTooLarge { path: path.to_owned(), size })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    let mut mapped = 0;
+    let whole_pages = size & !(PAGE_SIZE - 1);
+    if share && whole_pages > 0 {
+        match map_file_private(mem, GuestAddress(addr), whole_pages as usize, &file, 0) {
+            Ok(()) => mapped = whole_pages,
+            Err(e) => log::debug!("initramfs {}: keeping a copy: {e}", path.display()),
+        }
+    }
+    file.seek(SeekFrom::Start(mapped)).map_err(read_err)?;
+    mem.read_exact_volatile_from(GuestAddress(addr + mapped), &mut file, (size - mapped) as usize)
         .map_err(|source| BootError::InitrdLoad { path: path.to_owned(), source })?;
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })
 }
@@ -304,17 +317,38 @@ mod tests {
     fn initrd_goes_to_the_top_of_low_memory() {
         let m = mem(16 << 20);
         let path = temp_file("initrd", &[7u8; 5000]);
-        let initrd = load_initrd(&m, 16 << 20, 2 << 20, &path).unwrap();
+        let initrd = load_initrd(&m, 16 << 20, 2 << 20, &path, false).unwrap();
         assert_eq!(initrd.size, 5000);
         assert_eq!(initrd.addr.0 % PAGE_SIZE, 0);
         assert!(initrd.addr.0 + 5000 <= 16 << 20);
         let byte: u8 = m.read_obj(GuestAddress(initrd.addr.0 + 4999)).unwrap();
         assert_eq!(byte, 7);
-        let err = load_initrd(&m, 16 << 20, (16 << 20) - 4096, &path).unwrap_err();
+        let err = load_initrd(&m, 16 << 20, (16 << 20) - 4096, &path, false).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
-        let err = load_initrd(&m, 16 << 20, 0, Path::new("/nonexistent")).unwrap_err();
+        let err = load_initrd(&m, 16 << 20, 0, Path::new("/nonexistent"), false).unwrap_err();
         assert!(matches!(err, BootError::InitrdRead { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_shared_initrd_is_mapped_from_its_file_in_whole_pages() {
+        // Two and a half pages: two whole pages are mapped, the half page is copied.
+        let bytes: Vec<u8> = (0..10240u32).map(|i| (i % 251) as u8).collect();
+        let path = temp_file("shared-initrd", &bytes);
+        let name = path.to_str().unwrap();
+        for share in [false, true] {
+            let m = mem(16 << 20);
+            let initrd = load_initrd(&m, 16 << 20, 2 << 20, &path, share).unwrap();
+            let mut got = vec![0u8; bytes.len()];
+            m.read_slice(&mut got, initrd.addr).unwrap();
+            assert!(got == bytes, "the guest sees the initramfs's bytes (share: {share})");
+            for (offset, mapped) in [(0, share), (4096, share), (8192, false)] {
+                let host = m.get_host_address(GuestAddress(initrd.addr.0 + offset)).unwrap();
+                let file = crate::memory::mapping_at(host as usize).unwrap();
+                assert_eq!(file == name, mapped, "page at +{offset:#x} (share: {share}): {file:?}");
+            }
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -38,12 +38,14 @@ pub struct ConsoleConfig {
 pub struct VmConfig {
     /// Kernel image: ELF vmlinux or bzImage.
     pub kernel: PathBuf,
-    /// Map an ELF kernel's pages into guest memory (private, copy on write) instead of copying
-    /// them: VMs that boot the same file then share the page cache pages their guests only
-    /// read (most of the kernel's text), and pages no guest touches cost nothing. The file
-    /// must not change while the VM runs, as a rewritten file would change the guest's kernel
-    /// under it: husk's runtime hands over a copy in its cache that nothing writes.
-    pub share_kernel: bool,
+    /// Map an ELF kernel's pages and the initramfs's into guest memory (private, copy on
+    /// write) instead of copying them: VMs that boot the same files then share the page cache
+    /// pages their guests only read (most of the kernel's text, all of the initramfs, which the
+    /// guest keeps rather than frees: `retain_initrd`), and pages no guest touches cost
+    /// nothing. The files must not change while the VM runs, as a rewritten file would change
+    /// the guest's kernel under it: husk's runtime hands over copies in its cache that nothing
+    /// writes.
+    pub share_boot_files: bool,
     /// Optional initramfs.
     pub initrd: Option<PathBuf>,
     /// Appended to the command line the VMM builds (console, devices, reboot method).

@@ -216,10 +216,15 @@ impl MicroVm {
         let reset_evt = eventfd()?;
         let boot_time = attach_legacy_devices(&mut builder, config, start, &stop, &reset_evt)?;
         attach_virtio_devices(&mut builder, config)?;
-        if config.share_kernel && config.vcpus == 1 {
+        if config.share_boot_files && config.vcpus == 1 {
             // A kernel booting on one CPU rewrites every `lock` prefix of its text, which would
             // give each guest its own copy of most of the text pages it shares with the others.
             builder.cmdline.insert_str("noreplace-smp")?;
+        }
+        if config.share_boot_files && config.initrd.is_some() {
+            // Linux fills the initramfs's pages with a poison byte as it frees them, which
+            // would copy every page of the mapped file into the guest: it keeps them instead.
+            builder.cmdline.insert_str("retain_initrd")?;
         }
         if !config.extra_cmdline.trim().is_empty() {
             builder.cmdline.insert_str(config.extra_cmdline.trim())?;
@@ -385,9 +390,10 @@ fn load_guest(
     config: &VmConfig,
     cmdline: &Cmdline,
 ) -> Result<GuestAddress, VmmError> {
-    let kernel = boot::load_kernel(mem, &config.kernel, config.share_kernel)?;
+    let share = config.share_boot_files;
+    let kernel = boot::load_kernel(mem, &config.kernel, share)?;
     let initrd = match &config.initrd {
-        Some(path) => Some(boot::load_initrd(mem, config.mem_bytes(), kernel.end, path)?),
+        Some(path) => Some(boot::load_initrd(mem, config.mem_bytes(), kernel.end, path, share)?),
         None => None,
     };
     let cmdline_len = boot::write_cmdline(mem, cmdline)?;

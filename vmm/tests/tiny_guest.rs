@@ -22,7 +22,7 @@ fn require_kvm() {
 fn config(dir: &TempDir, code: &[u8]) -> VmConfig {
     VmConfig {
         kernel: dir.write("tiny.elf", &elf_image(code)),
-        share_kernel: false,
+        share_boot_files: false,
         initrd: None,
         extra_cmdline: "husk.test=tiny".into(),
         mem_mib: 32,
@@ -86,8 +86,9 @@ fn boots_in_long_mode_prints_and_resets() {
     assert!(outcome.boot_time.is_some(), "the boot timer write was recorded");
 }
 
-/// With `share_kernel`, the guest runs code straight from the kernel file's pages (its first
-/// page holds the whole program), with `noreplace-smp` on the command line of a 1-vCPU guest.
+/// With `share_boot_files`, the guest runs code straight from the kernel file's pages (its first
+/// page holds the whole program), with `noreplace-smp` on the command line of a 1-vCPU guest
+/// and `retain_initrd` where it has a (mapped) initramfs.
 #[test]
 fn a_kernel_mapped_from_its_file_runs() {
     require_kvm();
@@ -96,13 +97,14 @@ fn a_kernel_mapped_from_its_file_runs() {
     assert!(code.len() < 4096);
     code.resize(8192, 0);
     let mut config = config(&dir, &code);
-    config.share_kernel = true;
+    config.share_boot_files = true;
+    config.initrd = Some(dir.write("initrd", &[0x5a; 3 * 4096 + 100]));
     let outcome = run(&config).expect("tiny guest runs");
     assert_eq!(outcome.exit, GuestExit::Reset);
     let out = console(&dir);
     assert!(out.contains("LONG MODE OK\n"), "console: {out:?}");
     let cmdline = out.lines().find_map(|l| l.strip_prefix("cmdline: ")).expect("cmdline printed");
-    assert!(cmdline.contains(" noreplace-smp husk.test=tiny"), "{cmdline}");
+    assert!(cmdline.contains(" noreplace-smp retain_initrd husk.test=tiny"), "{cmdline}");
 }
 
 #[test]
