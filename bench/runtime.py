@@ -4,9 +4,11 @@ run on the same busybox bundle.
 
   - run `true`: wall time of `<runtime> run` of a container running `true`, create to exit and
     delete, interleaved round by round (median, and husk's ratio to each peer);
-  - idle memory: the PSS summed over every host process of one idle container (`sleep`), after
+  - idle memory: the PSS summed over every host process of an idle container (`sleep`), after
     it has settled (husk: its VM process, which holds the guest's memory; runc: the container's
-    process; runsc: the sandbox, gofer and their children);
+    process; runsc: the sandbox, gofer and their children): one container alone, and each of
+    --idle-count side by side (what they share, such as a kernel's or a binary's page cache
+    pages, is then split between them, as PSS does);
   - start rate: N containers started with `run --detach`, 10 at a time, then deleted: containers
     per second, and per host core.
 
@@ -148,21 +150,28 @@ def processes_mentioning(needle):
     return found
 
 
-def idle_memory_mib(rt, bundle, cid, settle_s):
-    """PSS of an idle container's host processes."""
-    pid_file = os.path.join(os.path.dirname(bundle), f"{rt.name}-{cid}.pid")
-    p = run_detached(rt, "--bundle", bundle, "--pid-file", pid_file, cid)
-    if p.returncode != 0:
-        sys.exit(f"bench: {rt.name} run --detach failed: {p.stderr}")
-    time.sleep(settle_s)
-    pid = int(open(pid_file).read().strip())
-    pids = set(descendants(pid))
-    if rt.name == "runsc":
-        # The sandbox and gofer are not below the container's pid on the host.
-        pids |= {q for p in processes_mentioning(rt.root) for q in descendants(p)}
-    total = sum(pss_kib(p) for p in pids) / 1024
-    rt.run("delete", "--force", cid, check=False)
-    return total, len(pids)
+def idle_memory_mib(rt, bundle, count, settle_s):
+    """PSS of the host processes of `count` idle containers side by side, per container, and
+    the number of processes."""
+    ids = [f"idle-{i}" for i in range(count)]
+    pid_files = [os.path.join(os.path.dirname(bundle), f"{rt.name}-{cid}.pid") for cid in ids]
+    try:
+        for cid, pid_file in zip(ids, pid_files):
+            p = run_detached(rt, "--bundle", bundle, "--pid-file", pid_file, cid)
+            if p.returncode != 0:
+                sys.exit(f"bench: {rt.name} run --detach failed: {p.stderr}")
+        time.sleep(settle_s)
+        pids = set()
+        for pid_file in pid_files:
+            pids |= set(descendants(int(open(pid_file).read().strip())))
+        if rt.name == "runsc":
+            # The sandboxes and gofers are not below the containers' pids on the host.
+            pids |= {q for p in processes_mentioning(rt.root) for q in descendants(p)}
+        total = sum(pss_kib(p) for p in pids) / 1024
+    finally:
+        for cid in ids:
+            rt.run("delete", "--force", cid, check=False)
+    return total / count, len(pids)
 
 
 def start_rate(rt, bundle, count, parallel):
@@ -188,6 +197,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--rate-count", type=int, default=20)
     ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--idle-count", type=int, default=10)
     ap.add_argument("--where", required=True)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -213,7 +223,9 @@ def main():
         for r in range(a.rounds):
             for rt in runtimes:
                 runs[rt.name].append(time_run_true(rt, true_bundle, f"true-{r}"))
-        memory = {rt.name: idle_memory_mib(rt, sleep_bundle, "idle", a.settle) for rt in runtimes}
+        memory = {rt.name: idle_memory_mib(rt, sleep_bundle, 1, a.settle) for rt in runtimes}
+        many = {rt.name: idle_memory_mib(rt, sleep_bundle, a.idle_count, a.settle)
+                for rt in runtimes}
         rates = {rt.name: start_rate(rt, sleep_bundle, a.rate_count, 10) for rt in runtimes}
     finally:
         shutil.rmtree(top, ignore_errors=True)
@@ -228,21 +240,26 @@ def main():
     print(f"| `run true`, median (ms) | {med['husk']:.0f} | {med['runc']:.0f} | "
           f"{med['runsc']:.0f} | {med['husk'] / med['runc']:.2f} | "
           f"{med['husk'] / med['runsc']:.2f} |")
-    print(f"| idle container, host PSS (MiB) | {memory['husk'][0]:.1f} | "
-          f"{memory['runc'][0]:.1f} | {memory['runsc'][0]:.1f} | "
-          f"{memory['husk'][0] / max(memory['runc'][0], 0.01):.1f} | "
-          f"{memory['husk'][0] / max(memory['runsc'][0], 0.01):.2f} |")
+    for label, m in (("idle container alone", memory),
+                     (f"each of {a.idle_count} idle containers", many)):
+        print(f"| {label}, host PSS (MiB) | {m['husk'][0]:.1f} | "
+              f"{m['runc'][0]:.1f} | {m['runsc'][0]:.1f} | "
+              f"{m['husk'][0] / max(m['runc'][0], 0.01):.1f} | "
+              f"{m['husk'][0] / max(m['runsc'][0], 0.01):.2f} |")
     print(f"| start rate, 10 at a time (containers/s) | {rates['husk']:.2f} | "
           f"{rates['runc']:.2f} | {rates['runsc']:.2f} | "
           f"{rates['husk'] / rates['runc']:.2f} | {rates['husk'] / rates['runsc']:.2f} |")
     print(f"| start rate per host core ({cores} cores) | {rates['husk'] / cores:.2f} | "
           f"{rates['runc'] / cores:.2f} | {rates['runsc'] / cores:.2f} | | |")
     print(f"\nIdle memory counts {memory['husk'][1]} husk, {memory['runc'][1]} runc and "
-          f"{memory['runsc'][1]} runsc host processes, {a.settle:.0f} s after start; "
+          f"{memory['runsc'][1]} runsc host processes for one container "
+          f"({many['husk'][1]}, {many['runc'][1]} and {many['runsc'][1]} for "
+          f"{a.idle_count}), {a.settle:.0f} s after start; "
           f"start rate: {a.rate_count} containers with `run --detach`.")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"runs_s": runs, "idle_pss_mib": memory, "rate_per_s": rates}, f)
+            json.dump({"runs_s": runs, "idle_pss_mib": memory,
+                       f"idle_pss_mib_each_of_{a.idle_count}": many, "rate_per_s": rates}, f)
 
 
 if __name__ == "__main__":
