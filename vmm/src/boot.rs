@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::elf;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
+use linux_loader::loader::elf::{Elf, Error as ElfError};
+use linux_loader::loader::{self, bzimage::BzImage, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::arch::layout::{
@@ -99,7 +100,7 @@ pub struct LoadedInitrd {
 
 /// Load the kernel at `path`: an ELF vmlinux (entered at its ELF entry point, which is
 /// `startup_64`) or else a bzImage (entered 0x200 bytes into its protected-mode code). With
-/// `share`, an ELF kernel's file pages are then mapped rather than copied
+/// `share`, an ELF kernel's whole file pages are mapped rather than copied
 /// ([`VmConfig::share_boot_files`](crate::config::VmConfig::share_boot_files)).
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
@@ -112,19 +113,18 @@ pub fn load_kernel(
         return Err(open_err(std::io::Error::from_raw_os_error(libc::EISDIR)));
     }
     let himem = Some(GuestAddress(HIMEM_START));
-    let elf_err = match Elf::load(mem, None, &mut file, himem) {
-        Ok(result) => {
-            if share {
-                let shared = share_kernel_pages(mem, &file);
-                log::debug!("kernel {}: {} KiB mapped from the file", path.display(), shared >> 10);
-            }
-            return Ok(LoadedKernel {
-                entry: result.kernel_load,
-                end: result.kernel_end,
-                setup_header: None,
-            });
-        }
-        Err(e @ loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => e,
+    let elf = if share {
+        map_elf_kernel(mem, &file)
+    } else {
+        Elf::load(mem, None, &mut file, himem).map(|result| LoadedKernel {
+            entry: result.kernel_load,
+            end: result.kernel_end,
+            setup_header: None,
+        })
+    };
+    let elf_err = match elf {
+        Ok(kernel) => return Ok(kernel),
+        Err(e @ loader::Error::Elf(ElfError::InvalidElfMagicNumber)) => e,
         Err(source) => return Err(BootError::KernelLoad { path: path.to_owned(), source }),
     };
     match BzImage::load(mem, None, &mut file, himem) {
@@ -140,44 +140,84 @@ pub fn load_kernel(
     }
 }
 
-/// Replace the guest pages that hold a loaded ELF kernel's file contents with private mappings
-/// of the kernel file ([`map_file_private`]): the same bytes, but page cache pages that every VM
-/// booting this kernel shares until its guest writes one. Returns the bytes shared; a segment
-/// that cannot be mapped keeps its copy.
-fn share_kernel_pages(mem: &GuestMemoryMmap, file: &File) -> u64 {
+/// Load an ELF vmlinux as linux-loader's `Elf` does (the same checks, each `PT_LOAD` segment's
+/// file bytes at its physical address), but with the segments' whole pages mapped from the file
+/// ([`place_file_bytes`]) rather than written: the guest memory under them is never touched,
+/// and the pages are the page cache pages every VM booting this kernel shares until its guest
+/// writes one.
+fn map_elf_kernel(mem: &GuestMemoryMmap, file: &File) -> Result<LoadedKernel, loader::Error> {
     let mut ehdr = elf::Elf64_Ehdr::default();
-    if file.read_exact_at(ehdr.as_mut_slice(), 0).is_err()
-        || usize::from(ehdr.e_phentsize) != std::mem::size_of::<elf::Elf64_Phdr>()
-    {
-        return 0;
+    file.read_exact_at(ehdr.as_mut_slice(), 0).map_err(|_| ElfError::ReadElfHeader)?;
+    if ehdr.e_ident[..4] != [elf::ELFMAG0, elf::ELFMAG1, elf::ELFMAG2, elf::ELFMAG3] {
+        return Err(ElfError::InvalidElfMagicNumber.into());
     }
-    let mut shared = 0;
+    if ehdr.e_ident[elf::EI_DATA] != elf::ELFDATA2LSB {
+        return Err(ElfError::BigEndianElfOnLittle.into());
+    }
+    if usize::from(ehdr.e_phentsize) != std::mem::size_of::<elf::Elf64_Phdr>() {
+        return Err(ElfError::InvalidProgramHeaderSize.into());
+    }
+    if ehdr.e_phoff < std::mem::size_of::<elf::Elf64_Ehdr>() as u64 {
+        return Err(ElfError::InvalidProgramHeaderOffset.into());
+    }
+    if ehdr.e_entry < HIMEM_START {
+        return Err(ElfError::InvalidEntryAddress.into());
+    }
+    let mut end = 0;
     for i in 0..u64::from(ehdr.e_phnum) {
         let mut phdr = elf::Elf64_Phdr::default();
-        let at = ehdr.e_phoff.saturating_add(i * std::mem::size_of::<elf::Elf64_Phdr>() as u64);
-        if file.read_exact_at(phdr.as_mut_slice(), at).is_err() {
-            return shared;
-        }
-        if phdr.p_type != elf::PT_LOAD {
+        let at = i
+            .checked_mul(std::mem::size_of::<elf::Elf64_Phdr>() as u64)
+            .and_then(|off| ehdr.e_phoff.checked_add(off))
+            .ok_or(ElfError::ReadProgramHeader)?;
+        file.read_exact_at(phdr.as_mut_slice(), at).map_err(|_| ElfError::ReadProgramHeader)?;
+        if phdr.p_type != elf::PT_LOAD || phdr.p_filesz == 0 {
             continue;
         }
-        // The whole pages of the segment's file bytes, where file and guest pages line up.
-        let Some(start) = phdr.p_paddr.checked_next_multiple_of(PAGE_SIZE) else { continue };
-        let Some(end) = phdr.p_paddr.checked_add(phdr.p_filesz).map(|e| e & !(PAGE_SIZE - 1))
-        else {
-            continue;
-        };
-        let offset = phdr.p_offset.wrapping_add(start - phdr.p_paddr);
-        if end <= start || !offset.is_multiple_of(PAGE_SIZE) {
-            continue;
-        }
-        let len = end - start;
-        match map_file_private(mem, GuestAddress(start), len as usize, file, offset) {
-            Ok(()) => shared += len,
-            Err(e) => log::debug!("kernel segment at {start:#x}: keeping the copy: {e}"),
+        place_file_bytes(mem, file, phdr.p_paddr, phdr.p_offset, phdr.p_filesz, true)
+            .map_err(|_| ElfError::ReadKernelImage)?;
+        let segment_end =
+            phdr.p_paddr.checked_add(phdr.p_memsz).ok_or(loader::Error::MemoryOverflow)?;
+        end = end.max(segment_end);
+    }
+    Ok(LoadedKernel { entry: GuestAddress(ehdr.e_entry), end, setup_header: None })
+}
+
+/// Put the `len` bytes of `file` from `offset` at guest address `addr`. With `share`, the whole
+/// pages where guest and file pages line up are mapped from the file ([`map_file_private`])
+/// and only the partial pages at either end are copied; otherwise, or where mapping fails,
+/// everything is copied. Returns the bytes mapped.
+fn place_file_bytes(
+    mem: &GuestMemoryMmap,
+    mut file: &File,
+    addr: u64,
+    offset: u64,
+    len: u64,
+    share: bool,
+) -> Result<u64, vm_memory::GuestMemoryError> {
+    let overflow = || vm_memory::GuestMemoryError::GuestAddressOverflow;
+    let end = addr.checked_add(len).ok_or_else(overflow)?;
+    offset.checked_add(len).ok_or_else(overflow)?;
+    // The whole guest pages of the range, and the file offset of the first.
+    let first = addr.checked_next_multiple_of(PAGE_SIZE).ok_or_else(overflow)?.min(end);
+    let last = (end & !(PAGE_SIZE - 1)).max(first);
+    let first_offset = offset + (first - addr);
+    let mut mapped = first..first;
+    if share && last > first && first_offset.is_multiple_of(PAGE_SIZE) {
+        let whole = (last - first) as usize;
+        match map_file_private(mem, GuestAddress(first), whole, file, first_offset) {
+            Ok(()) => mapped = first..last,
+            Err(e) => log::debug!("guest pages at {first:#x}: copied, not mapped: {e}"),
         }
     }
-    shared
+    for (from, to) in [(addr, mapped.start), (mapped.end, end)] {
+        if to > from {
+            file.seek(SeekFrom::Start(offset + (from - addr)))
+                .map_err(vm_memory::GuestMemoryError::IOError)?;
+            mem.read_exact_volatile_from(GuestAddress(from), &mut file, (to - from) as usize)?;
+        }
+    }
+    Ok(mapped.end - mapped.start)
 }
 
 /// Put the initramfs at `path` at the highest page-aligned spot of low memory (below the MMIO
@@ -192,7 +232,7 @@ pub fn load_initrd(
     share: bool,
 ) -> Result<LoadedInitrd, BootError> {
     let read_err = |source| BootError::InitrdRead { path: path.to_owned(), source };
-    let mut file = File::open(path).map_err(read_err)?;
+    let file = File::open(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     if !meta.is_file() {
         return Err(read_err(std::io::Error::other("not a regular file")));
@@ -204,16 +244,7 @@ pub fn load_initrd(
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= kernel_end.max(HIMEM_START))
         .ok_or_else(|| BootError::InitrdTooLarge { path: path.to_owned(), size })?;
-    let mut mapped = 0;
-    let whole_pages = size & !(PAGE_SIZE - 1);
-    if share && whole_pages > 0 {
-        match map_file_private(mem, GuestAddress(addr), whole_pages as usize, &file, 0) {
-            Ok(()) => mapped = whole_pages,
-            Err(e) => log::debug!("initramfs {}: keeping a copy: {e}", path.display()),
-        }
-    }
-    file.seek(SeekFrom::Start(mapped)).map_err(read_err)?;
-    mem.read_exact_volatile_from(GuestAddress(addr + mapped), &mut file, (size - mapped) as usize)
+    place_file_bytes(mem, &file, addr, 0, size, share)
         .map_err(|source| BootError::InitrdLoad { path: path.to_owned(), source })?;
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })
 }
@@ -309,6 +340,96 @@ mod tests {
                 let file = crate::memory::mapping_at(host).unwrap();
                 assert_eq!(file == name, mapped, "page at +{offset:#x} (share: {share}): {file:?}");
             }
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// `elf_image(code)` with `value` written at byte `at` (a field of its headers).
+    fn patched_elf(code: &[u8], at: usize, value: &[u8]) -> Vec<u8> {
+        let mut elf = husk_tests::tiny_guest::elf_image(code);
+        elf[at..at + value.len()].copy_from_slice(value);
+        elf
+    }
+
+    #[test]
+    fn shared_and_copied_loads_refuse_the_same_bad_kernels() {
+        let code = [0x90u8; 8192];
+        let load = husk_tests::tiny_guest::LOAD_ADDR;
+        let bad = [
+            ("big endian", patched_elf(&code, 5, &[2])),
+            ("program header size", patched_elf(&code, 54, &55u16.to_le_bytes())),
+            ("program headers in the ELF header", patched_elf(&code, 32, &8u64.to_le_bytes())),
+            ("entry below 1 MiB", patched_elf(&code, 24, &0x1000u64.to_le_bytes())),
+            (
+                "segment past the end of the file",
+                patched_elf(&code, 96, &(1u64 << 20).to_le_bytes()),
+            ),
+            ("segment outside guest memory", patched_elf(&code, 88, &(1u64 << 40).to_le_bytes())),
+            ("segment wrapping around", patched_elf(&code, 88, &(u64::MAX - 4096).to_le_bytes())),
+            ("memory size wrapping around", patched_elf(&code, 104, &u64::MAX.to_le_bytes())),
+            ("truncated program headers", husk_tests::tiny_guest::elf_image(&code)[..100].to_vec()),
+        ];
+        for (what, elf) in bad {
+            let path = temp_file("bad.elf", &elf);
+            let errors = [false, true].map(|share| {
+                match load_kernel(&mem(16 << 20), &path, share).unwrap_err() {
+                    BootError::KernelLoad { source, .. } => format!("{source:?}"),
+                    e => panic!("{what} (share: {share}): {e}"),
+                }
+            });
+            assert_eq!(errors[0], errors[1], "{what}: the same error from both loaders");
+            std::fs::remove_file(&path).unwrap();
+        }
+        // And the good one loads both ways at the same place.
+        let path = temp_file("good.elf", &husk_tests::tiny_guest::elf_image(&code));
+        for share in [false, true] {
+            let kernel = load_kernel(&mem(16 << 20), &path, share).unwrap();
+            assert_eq!((kernel.entry.0, kernel.end), (load, load + 8192), "share: {share}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_segment_whose_pages_do_not_line_up_with_the_files_is_copied() {
+        let code: Vec<u8> = (0..10000u32).map(|i| (i % 249) as u8).collect();
+        let load = husk_tests::tiny_guest::LOAD_ADDR + 0x10;
+        let path = temp_file("misaligned.elf", &patched_elf(&code, 88, &load.to_le_bytes()));
+        let m = mem(16 << 20);
+        load_kernel(&m, &path, true).unwrap();
+        let mut got = vec![0u8; code.len()];
+        m.read_slice(&mut got, GuestAddress(load)).unwrap();
+        assert!(got == code, "the segment's bytes at its address");
+        for offset in (0..code.len() as u64).step_by(4096) {
+            let host = m.get_host_address(GuestAddress(load + offset)).unwrap() as usize;
+            assert_eq!(crate::memory::mapping_at(host).unwrap(), "", "copied at +{offset:#x}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Minor page faults of this thread so far.
+    fn minor_faults() -> i64 {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage fills the rusage it is given; zeroed is a valid rusage.
+        let usage = unsafe {
+            assert_eq!(libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()), 0);
+            usage.assume_init()
+        };
+        usage.ru_minflt
+    }
+
+    #[test]
+    fn a_shared_kernel_leaves_the_guest_memory_under_it_untouched() {
+        // 4 MiB of kernel: copied, its 1024 guest pages are written (one fault each, as guest
+        // memory this low has small pages); mapped, none of them is.
+        let code: Vec<u8> = (0..4u32 << 20).map(|i| (i % 247) as u8).collect();
+        let path = temp_file("big.elf", &husk_tests::tiny_guest::elf_image(&code));
+        for share in [false, true] {
+            let m = mem(16 << 20);
+            let before = minor_faults();
+            load_kernel(&m, &path, share).unwrap();
+            let faults = minor_faults() - before;
+            let expected = if share { 0..64 } else { 1024..1100 };
+            assert!(expected.contains(&faults), "{faults} faults loading (share: {share})");
         }
         std::fs::remove_file(&path).unwrap();
     }
