@@ -100,6 +100,7 @@ pub fn boot_and_create(
     let config = VmConfig {
         kernel,
         share_boot_files: true,
+        small_boot_pages: true,
         initrd: Some(initrd),
         extra_cmdline: format!("{GUEST_CMDLINE} {}", settings.kernel_cmdline),
         mem_mib: bundle.guest_mem_mib(settings),

@@ -107,6 +107,7 @@ impl VmRunArgs {
             kernel: self.kernel.clone(),
             // The file is the caller's, who may rewrite it while the VM runs: copied.
             share_boot_files: false,
+            small_boot_pages: false,
             initrd: self.initrd.clone(),
             extra_cmdline: self.cmdline.clone(),
             mem_mib: self.mem_mib,

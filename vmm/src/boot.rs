@@ -419,12 +419,16 @@ mod tests {
 
     #[test]
     fn a_shared_kernel_leaves_the_guest_memory_under_it_untouched() {
-        // 4 MiB of kernel: copied, its 1024 guest pages are written (one fault each, as guest
-        // memory this low has small pages); mapped, none of them is.
+        // 4 MiB of kernel: copied, its 1024 guest pages are written (one fault each, in small
+        // boot pages); mapped, none of them is.
         let code: Vec<u8> = (0..4u32 << 20).map(|i| (i % 247) as u8).collect();
         let path = temp_file("big.elf", &husk_tests::tiny_guest::elf_image(&code));
         for share in [false, true] {
-            let m = mem(16 << 20);
+            let m = crate::memory::create_guest_memory_with_small_pages_below(
+                &[(GuestAddress(0), 16 << 20)],
+                crate::memory::SMALL_BOOT_PAGES,
+            )
+            .unwrap();
             let before = minor_faults();
             load_kernel(&m, &path, share).unwrap();
             let faults = minor_faults() - before;

@@ -6,14 +6,16 @@
 //! advised for transparent huge pages, as QEMU and Cloud Hypervisor do: the host then backs
 //! the guest with 2 MiB pages where it can, and KVM maps those with 2 MiB nested page table
 //! entries, so a booting guest takes one fault per 2 MiB instead of one per 4 KiB (a fiftieth
-//! of the faults in a kernel boot, which is what the guest waits on under nested KVM). All
-//! but the first [`SMALL_PAGE_HEAD`] bytes of guest memory: there lie the boot structures, the
-//! kernel and what the kernel allocates as it boots (its page allocator hands out the lowest
-//! free pages first), scattered: an idle guest uses about half of the 2 MiB pages it touches
-//! there, so small pages make an idle VM cost the host what its guest uses (measured in the
-//! nested test host: 18.7 instead of 23.4 MiB of anonymous memory, and no slower a boot once
-//! the kernel's pages are mapped rather than written). A workload's memory lands above, in
-//! huge pages.
+//! of the faults in a kernel boot, which is what the guest waits on under nested KVM).
+//!
+//! Or all but the first [`SMALL_BOOT_PAGES`] bytes, for VMs that idle side by side (containers,
+//! [`VmConfig::small_boot_pages`](crate::config::VmConfig::small_boot_pages)): there lie the
+//! boot structures, the kernel and what the kernel allocates as it boots (its page allocator
+//! hands out the lowest free pages first), scattered: an idle guest uses about half of the
+//! 2 MiB pages it touches there, so small pages make an idle VM cost the host what its guest
+//! uses (measured in the nested test host: 18.7 instead of 23.4 MiB of anonymous memory, and
+//! no slower a boot when the kernel's pages are mapped from its file, which are small pages
+//! anyway). A workload's memory lands above, in huge pages.
 //!
 //! Boot may then replace pages of it with private mappings of a file ([`map_file_private`]):
 //! the kernel's text, whose page cache pages all VMs booting that kernel then share.
@@ -38,8 +40,8 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// The alignment of each mapping: the x86 huge page size.
 const HUGE_PAGE: usize = 2 << 20;
-/// How much of guest memory, from address 0, is backed by small pages (see the module's doc).
-const SMALL_PAGE_HEAD: usize = 64 << 20;
+/// How much of guest memory, from address 0, small boot pages cover (see the module's doc).
+pub const SMALL_BOOT_PAGES: usize = 64 << 20;
 
 const PROT: i32 = libc::PROT_READ | libc::PROT_WRITE;
 const FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
@@ -208,11 +210,21 @@ pub fn map_file_private(
 
 /// Map `regions` (guest address, size in bytes, whole pages) as guest memory.
 pub fn create_guest_memory(regions: &[(GuestAddress, usize)]) -> Result<GuestRam, MemoryError> {
+    create_guest_memory_with_small_pages_below(regions, 0)
+}
+
+/// Map `regions` as guest memory, with small pages for the guest addresses below
+/// `small_below` (a multiple of the page size; [`SMALL_BOOT_PAGES`] for small boot pages) and
+/// huge pages above.
+pub fn create_guest_memory_with_small_pages_below(
+    regions: &[(GuestAddress, usize)],
+    small_below: usize,
+) -> Result<GuestRam, MemoryError> {
     let mut mappings = Vec::with_capacity(regions.len());
     let mut arcs = Vec::with_capacity(regions.len());
     for &(addr, size) in regions {
         let map_err = |source| MemoryError::Map { mib: (size as u64) >> 20, addr: addr.0, source };
-        let small_head = if addr.0 == 0 { SMALL_PAGE_HEAD } else { 0 };
+        let small_head = usize::try_from(addr.0).map_or(0, |a| small_below.saturating_sub(a));
         let mapping = Mapping::new(size, small_head).map_err(map_err)?;
         // SAFETY: `mapping` covers `size` bytes at its address and outlives every region over
         // it: GuestRam unmaps it only when it holds the last reference to this region.
@@ -323,20 +335,31 @@ mod tests {
         (kib("Pss:"), kib("Private_Dirty:"))
     }
 
+    /// Whether the mapping at guest address `addr` asks for huge pages ("hg") or refuses them
+    /// ("nh").
+    fn huge_page_advice(mem: &GuestMemoryMmap, addr: u64) -> &'static str {
+        let host = mem.get_host_address(GuestAddress(addr)).unwrap() as usize;
+        let flags = smaps_field(host, "VmFlags:");
+        let flags: Vec<&str> = flags.split_whitespace().collect();
+        match (flags.contains(&"hg"), flags.contains(&"nh")) {
+            (true, false) => "hg",
+            (false, true) => "nh",
+            _ => panic!("guest {addr:#x}: {flags:?}"),
+        }
+    }
+
     #[test]
-    fn huge_pages_are_asked_for_all_but_the_small_page_head() {
-        let head = SMALL_PAGE_HEAD as u64;
-        let mem = create_guest_memory(&[
-            (GuestAddress(0), SMALL_PAGE_HEAD + (4 << 20)),
-            (GuestAddress(1 << 32), 2 << 20),
-        ])
-        .unwrap();
-        for (addr, huge) in [(0, false), (head - 4096, false), (head, true), (1 << 32, true)] {
-            let host = mem.get_host_address(GuestAddress(addr)).unwrap() as usize;
-            let flags = smaps_field(host, "VmFlags:");
-            let flags: Vec<&str> = flags.split_whitespace().collect();
-            let want = if huge { "hg" } else { "nh" };
-            assert!(flags.contains(&want), "guest {addr:#x}: {flags:?} lacks {want}");
+    fn huge_pages_are_asked_for_everywhere_or_above_the_small_boot_pages() {
+        let head = SMALL_BOOT_PAGES as u64;
+        let regions =
+            [(GuestAddress(0), SMALL_BOOT_PAGES + (4 << 20)), (GuestAddress(1 << 32), 2 << 20)];
+        let mem = create_guest_memory(&regions).unwrap();
+        for addr in [0, head - 4096, head, 1 << 32] {
+            assert_eq!(huge_page_advice(&mem, addr), "hg", "guest {addr:#x}");
+        }
+        let mem = create_guest_memory_with_small_pages_below(&regions, SMALL_BOOT_PAGES).unwrap();
+        for (addr, advice) in [(0, "nh"), (head - 4096, "nh"), (head, "hg"), (1 << 32, "hg")] {
+            assert_eq!(huge_page_advice(&mem, addr), advice, "guest {addr:#x}");
         }
     }
 

@@ -28,7 +28,10 @@ use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::kvm_vm::{KvmError, KvmVm};
-use crate::memory::{create_guest_memory, GuestMemoryMmap, GuestRam, MemoryError};
+use crate::memory::{
+    create_guest_memory_with_small_pages_below, GuestMemoryMmap, GuestRam, MemoryError,
+    SMALL_BOOT_PAGES,
+};
 use crate::vcpu::{kick, Vcpu, VcpuError, VcpuStop};
 
 /// What the VMM puts on every kernel command line: the serial console, reset through the
@@ -195,7 +198,11 @@ impl MicroVm {
         config.validate()?;
         let vm = KvmVm::new()?;
         vm.check_vcpu_count(config.vcpus)?;
-        let mem = create_guest_memory(&memory_regions(config.mem_bytes()))?;
+        let small_below = if config.small_boot_pages { SMALL_BOOT_PAGES } else { 0 };
+        let mem = create_guest_memory_with_small_pages_below(
+            &memory_regions(config.mem_bytes()),
+            small_below,
+        )?;
         vm.register_memory(&mem)?;
 
         let event_manager = EventManager::new()

@@ -23,6 +23,7 @@ fn config(dir: &TempDir, code: &[u8]) -> VmConfig {
     VmConfig {
         kernel: dir.write("tiny.elf", &elf_image(code)),
         share_boot_files: false,
+        small_boot_pages: false,
         initrd: None,
         extra_cmdline: "husk.test=tiny".into(),
         mem_mib: 32,
@@ -88,7 +89,7 @@ fn boots_in_long_mode_prints_and_resets() {
 
 /// With `share_boot_files`, the guest runs code straight from the kernel file's pages (its first
 /// page holds the whole program), with `noreplace-smp` on the command line of a 1-vCPU guest
-/// and `retain_initrd` where it has a (mapped) initramfs.
+/// and `retain_initrd` where it has a (mapped) initramfs; in small boot pages, as containers.
 #[test]
 fn a_kernel_mapped_from_its_file_runs() {
     require_kvm();
@@ -98,6 +99,7 @@ fn a_kernel_mapped_from_its_file_runs() {
     code.resize(8192, 0);
     let mut config = config(&dir, &code);
     config.share_boot_files = true;
+    config.small_boot_pages = true;
     config.initrd = Some(dir.write("initrd", &[0x5a; 3 * 4096 + 100]));
     let outcome = run(&config).expect("tiny guest runs");
     assert_eq!(outcome.exit, GuestExit::Reset);
