@@ -163,7 +163,7 @@ fn map_elf_kernel(mem: &GuestMemoryMmap, file: &File) -> Result<LoadedKernel, lo
     if ehdr.e_entry < HIMEM_START {
         return Err(ElfError::InvalidEntryAddress.into());
     }
-    let mut end = 0;
+    let (mut end, mut mapped) = (0, 0);
     for i in 0..u64::from(ehdr.e_phnum) {
         let mut phdr = elf::Elf64_Phdr::default();
         let at = i
@@ -174,12 +174,13 @@ fn map_elf_kernel(mem: &GuestMemoryMmap, file: &File) -> Result<LoadedKernel, lo
         if phdr.p_type != elf::PT_LOAD || phdr.p_filesz == 0 {
             continue;
         }
-        place_file_bytes(mem, file, phdr.p_paddr, phdr.p_offset, phdr.p_filesz, true)
+        mapped += place_file_bytes(mem, file, phdr.p_paddr, phdr.p_offset, phdr.p_filesz, true)
             .map_err(|_| ElfError::ReadKernelImage)?;
         let segment_end =
             phdr.p_paddr.checked_add(phdr.p_memsz).ok_or(loader::Error::MemoryOverflow)?;
         end = end.max(segment_end);
     }
+    log::debug!("kernel: {} KiB mapped from its file", mapped >> 10);
     Ok(LoadedKernel { entry: GuestAddress(ehdr.e_entry), end, setup_header: None })
 }
 
@@ -244,8 +245,9 @@ pub fn load_initrd(
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= kernel_end.max(HIMEM_START))
         .ok_or_else(|| BootError::InitrdTooLarge { path: path.to_owned(), size })?;
-    place_file_bytes(mem, &file, addr, 0, size, share)
+    let mapped = place_file_bytes(mem, &file, addr, 0, size, share)
         .map_err(|source| BootError::InitrdLoad { path: path.to_owned(), source })?;
+    log::debug!("initramfs {}: {} KiB mapped from its file", path.display(), mapped >> 10);
     Ok(LoadedInitrd { addr: GuestAddress(addr), size })
 }
 
