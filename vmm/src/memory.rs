@@ -18,7 +18,7 @@
 //! anyway). A workload's memory lands above, in huge pages.
 //!
 //! Boot may then replace pages of it with private mappings of a file ([`map_file_private`]):
-//! the kernel's text, whose page cache pages all VMs booting that kernel then share.
+//! the kernel's and the initramfs's, whose page cache pages all VMs booting them then share.
 //!
 //! vm-memory cannot place a mapping on a boundary, so [`GuestRam`] makes and owns the mappings
 //! and hands vm-memory unowned regions over them; it unmaps them only once no copy of the
