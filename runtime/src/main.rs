@@ -20,6 +20,7 @@ mod signals;
 mod stdio;
 mod sync_pipe;
 mod terminal;
+mod threads;
 mod vm_process;
 mod vm_run;
 
@@ -36,6 +37,7 @@ fn version() -> String {
 }
 
 fn main() {
+    threads::limit_default_stack();
     let cli = Cli::parse();
     let global = &cli.global;
     let level = if global.debug { log::LevelFilter::Debug } else { log::LevelFilter::Warn };

@@ -149,7 +149,7 @@ impl Session {
     /// [`signals::block_forwarded`]) on to the guest process, and resizes to its terminal.
     pub fn forward_signals(&self) {
         let target = self.target.clone();
-        std::thread::spawn(move || loop {
+        crate::threads::spawn("signals", move || loop {
             match signals::wait_forwarded() {
                 libc::SIGWINCH => target.resize(),
                 signum => target.signal(signum),
@@ -169,7 +169,7 @@ impl Session {
             .map_err(|e| anyhow::anyhow!("waiting for the process: {}", describe(&e)))?;
         let (done, all_out) = mpsc::channel();
         let output = std::mem::take(&mut self.output);
-        std::thread::spawn(move || {
+        crate::threads::spawn("output-join", move || {
             for pump in output {
                 let _ = pump.join();
             }

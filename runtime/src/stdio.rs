@@ -62,7 +62,7 @@ pub fn host_to_guest(
     mut input: impl Read + Send + 'static,
     mut stream: UnixStream,
 ) -> JoinHandle<()> {
-    std::thread::spawn(move || {
+    crate::threads::spawn("stdin", move || {
         copy(&mut input, &mut stream);
         let _ = stream.shutdown(Shutdown::Write);
     })
@@ -121,7 +121,7 @@ pub fn guest_to_host(
     activity: &Arc<OutputActivity>,
 ) -> JoinHandle<()> {
     let mut output = Tracked { inner: output, activity: activity.clone() };
-    std::thread::spawn(move || {
+    crate::threads::spawn("output", move || {
         copy(&mut stream, &mut output);
         let _ = output.flush();
     })

@@ -118,9 +118,7 @@ pub fn boot_and_create(
     };
     let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
     let stop = vm.stop_event().context("cannot create the VM's stop event")?;
-    let thread = std::thread::Builder::new()
-        .name("vmm".into())
-        .spawn(move || vm.run())
+    let thread = crate::threads::try_spawn("vmm", move || vm.run())
         .context("cannot start the VMM thread")?;
     let vm = VmHandle { stop, thread: Some(thread), _vsock: vsock_socket };
     let client =
