@@ -146,6 +146,18 @@ fn entries(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The files under `dir` (and its subdirectories, not following links) called one of `names`.
+fn files_named(dir: &Path, names: &[&str], found: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(kind) = entry.file_type() else { continue };
+        if kind.is_dir() {
+            files_named(&entry.path(), names, found);
+        } else if kind.is_file() && names.iter().any(|n| entry.file_name() == *n) {
+            found.push(entry.path());
+        }
+    }
+}
+
 /// A private dockerd; see the module's documentation. [`Dockerd::stop`] ends it and checks for
 /// leftovers; dropping it without that only ends dockerd.
 pub struct Dockerd {
@@ -294,6 +306,55 @@ impl Dockerd {
                 self.dockerd_log()
             );
             std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// What this daemon is doing now, for a case that takes far too long: its processes (docker
+    /// clients, shims, husk and its VM processes) with each thread's kernel wait channel, and the
+    /// last lines of the husk logs and guest consoles of the containers it runs.
+    pub fn diagnostics(&self) -> String {
+        let needle = self.dir.path().to_str().unwrap().to_string();
+        let mut out =
+            String::from("--- processes of this dockerd (pid: args; threads: name@wchan):\n");
+        for process in processes_mentioning(&needle) {
+            let pid = process.split(':').next().unwrap_or_default();
+            out.push_str(&process);
+            out.push_str("\n    threads:");
+            for task in entries(&Path::new("/proc").join(pid).join("task")) {
+                let dir = Path::new("/proc").join(pid).join("task").join(&task);
+                let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+                out.push_str(&format!(" {}@{}", read("comm").trim(), read("wchan").trim()));
+            }
+            out.push('\n');
+        }
+        let mut files = Vec::new();
+        files_named(&self.exec_root(), &["log.json", "console.log"], &mut files);
+        for file in files {
+            let text = fs::read_to_string(&file).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {}:\n", file.display()));
+            out.push_str(&lines[lines.len().saturating_sub(30)..].join("\n"));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Kill the Docker clients this process runs (SIGKILL), so that a case waiting on one that
+    /// hangs goes on and fails.
+    pub fn kill_clients(&self) {
+        let me = std::process::id().to_string();
+        for pid in entries(Path::new("/proc")) {
+            let stat = fs::read_to_string(Path::new("/proc").join(&pid).join("stat"));
+            let Some((comm, rest)) = stat.as_deref().ok().and_then(|s| s.rsplit_once(") ")) else {
+                continue;
+            };
+            let parent = rest.split_whitespace().nth(1);
+            if comm.ends_with("(docker") && parent == Some(me.as_str()) {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) of a child of this process, which it has not reaped yet.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use husk_tests::docker::{describe, Dockerd, Runtime, BUSYBOX_IMAGE, DNS};
@@ -20,6 +20,8 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 /// How long a terminal may take to answer (a husk container boots first).
 const TTY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one case may run in the nested test host (the slowest take a minute or two).
+const CASE_TIMEOUT: Duration = Duration::from_secs(600);
 /// The host port published to a container's port 80.
 const PUBLISHED_PORT: u16 = 18080;
 
@@ -549,13 +551,35 @@ fn debian_image(d: &Dockerd, rt: Runtime) {
 /// The last panic's message and location, kept by the panic hook for the case's failure.
 static PANIC: Mutex<Option<String>> = Mutex::new(None);
 
-/// Run one case; on failure its message, with husk's logs of the containers it ran.
+/// Run one case; on failure its message, with husk's logs of the containers it ran. A case
+/// still running after [`CASE_TIMEOUT`] fails too: what the daemon was doing then is recorded
+/// and its Docker clients are killed, so that the suite goes on.
 fn run_case(d: &Dockerd, rt: Runtime, case: fn(&Dockerd, Runtime)) -> Result<(), Failed> {
     let since = SystemTime::now();
-    if catch_unwind(AssertUnwindSafe(|| case(d, rt))).is_ok() {
+    let (done, finished) = mpsc::channel::<()>();
+    let (passed, stuck) = std::thread::scope(|scope| {
+        let watchdog = scope.spawn(move || match finished.recv_timeout(CASE_TIMEOUT) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let diagnostics = d.diagnostics();
+                d.kill_clients();
+                Some(diagnostics)
+            }
+            _ => None,
+        });
+        let passed = catch_unwind(AssertUnwindSafe(|| case(d, rt))).is_ok();
+        drop(done);
+        (passed, watchdog.join().unwrap())
+    });
+    if passed && stuck.is_none() {
         return Ok(());
     }
     let mut message = PANIC.lock().unwrap().take().unwrap_or_else(|| "the case panicked".into());
+    if let Some(diagnostics) = stuck {
+        message = format!(
+            "still running after {CASE_TIMEOUT:?}: its Docker clients were killed, then: \
+             {message}\n{diagnostics}"
+        );
+    }
     if rt == Runtime::Husk {
         message.push('\n');
         message.push_str(&d.husk_logs_since(since));
