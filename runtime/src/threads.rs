@@ -8,7 +8,9 @@
 use std::thread::JoinHandle;
 
 /// The stack of each thread: these threads copy through heap buffers and make system calls.
-pub const STACK_SIZE: usize = 512 << 10;
+/// Under a quarter of 2 MiB too, so that glibc never hands one a cached stack of a thread that
+/// had Rust's default (it reuses cached stacks up to four times the size asked for).
+pub const STACK_SIZE: usize = 256 << 10;
 
 /// Run `work` on a new thread called `name`. Like `std::thread::spawn`, panics when the system
 /// cannot make a thread.
