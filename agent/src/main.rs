@@ -12,7 +12,7 @@
 //! - `husk-agent init ...`: internal, the helper that becomes a container process (`init`).
 //!
 //! It prints `husk-agent: ready` on stdout once it serves (as PID 1, with the milliseconds since
-//! the kernel started /init).
+//! /init started, on the boot clock: the kernel's execution of /init, not its re-execution).
 
 mod channel;
 mod clock;
@@ -73,9 +73,10 @@ fn main() {
         init::main(&argv[2..]);
     }
     let pid1 = std::process::id() == 1;
-    let mounted = if pid1 { pid1::setup() } else { Ok(()) };
+    let started = if pid1 { pid1::init_started() } else { None };
+    let mounted = if pid1 { pid1::setup(started) } else { Ok(()) };
     let log = logging::init();
-    let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, &argv, &log));
+    let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, started, &argv, &log));
     if let Err(e) = result {
         log::error!("{e:#}");
         if pid1 {
@@ -85,7 +86,13 @@ fn main() {
     }
 }
 
-fn run(pid1: bool, argv: &[String], log: &logging::Log) -> anyhow::Result<()> {
+/// `started`: when /init started, as PID 1.
+fn run(
+    pid1: bool,
+    started: Option<u64>,
+    argv: &[String],
+    log: &logging::Log,
+) -> anyhow::Result<()> {
     // Before any thread exists: see reaper.
     reaper::block_sigchld().context("blocking SIGCHLD")?;
     let args = if pid1 {
@@ -157,8 +164,8 @@ fn run(pid1: bool, argv: &[String], log: &logging::Log) -> anyhow::Result<()> {
         .register_service(husk_agent_protocol::agent_ttrpc::create_agent(agent));
     server.start().context("starting the ttrpc server")?;
     log::info!("serving on {listen} (stdio on {stdio_listen})");
-    match pid1.then(pid1::since_init_started).flatten() {
-        Some(ms) => println!("husk-agent: ready {ms} ms after the kernel started /init"),
+    match started.and_then(pid1::ms_since) {
+        Some(ms) => println!("husk-agent: ready {ms:.1} ms after /init started"),
         None => println!("husk-agent: ready"),
     }
     loop {

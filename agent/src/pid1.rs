@@ -8,9 +8,37 @@ use std::os::fd::AsRawFd;
 
 use nix::mount::MsFlags;
 
-/// Mount what a guest needs and put the console on stdin, stdout and stderr.
-pub fn setup() -> Result<(), String> {
-    leave_initramfs()?;
+/// Where PID 1 passes, across its re-execution off the initramfs, the time /init started.
+const STARTED_ENV: &str = "HUSK_AGENT_INIT_STARTED_NS";
+
+/// When /init started, in nanoseconds on the boot clock: now for the kernel's execution of
+/// /init, the time that execution passed on for the re-execution (see [`leave_initramfs`]).
+/// Called first thing, before any thread exists (it changes the environment).
+pub fn init_started() -> Option<u64> {
+    let inherited = std::env::var(STARTED_ENV).ok();
+    std::env::remove_var(STARTED_ENV);
+    started_from(inherited.as_deref(), boot_clock_ns())
+}
+
+/// The start time passed on by an earlier execution if there is a valid one, else `now`.
+fn started_from(inherited: Option<&str>, now: Option<u64>) -> Option<u64> {
+    inherited.and_then(|v| v.parse().ok()).or(now)
+}
+
+/// Milliseconds on the boot clock since `started` (a time from [`init_started`]).
+pub fn ms_since(started: u64) -> Option<f64> {
+    Some(boot_clock_ns()?.saturating_sub(started) as f64 / 1e6)
+}
+
+fn boot_clock_ns() -> Option<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    Some(u64::try_from(now.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(now.tv_nsec()).ok()?)
+}
+
+/// Mount what a guest needs and put the console on stdin, stdout and stderr. `started`: when
+/// /init started ([`init_started`]), for the re-execution.
+pub fn setup(started: Option<u64>) -> Result<(), String> {
+    leave_initramfs(started)?;
     let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755")?;
     console();
@@ -35,8 +63,9 @@ pub fn setup() -> Result<(), String> {
 /// pivot_root(2) cannot move away from the initramfs's root (the kernel's `rootfs` mount), and
 /// every container is set up with pivot_root. So, as switch_root does, PID 1 first moves onto a
 /// tmpfs: it copies itself there, makes that tmpfs the root (MS_MOVE, chroot) and executes
-/// itself again, still as PID 1. Returns at once when the root is no longer `rootfs`.
-fn leave_initramfs() -> Result<(), String> {
+/// itself again, still as PID 1, telling it when /init started. Returns at once when the root
+/// is no longer `rootfs`.
+fn leave_initramfs(started: Option<u64>) -> Result<(), String> {
     mount("proc", "/proc", "proc", MsFlags::empty(), "")?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo");
     let exe = std::fs::read_link("/proc/self/exe");
@@ -68,23 +97,11 @@ fn leave_initramfs() -> Result<(), String> {
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     let argv: Vec<std::ffi::CString> =
         std::env::args().map(|a| std::ffi::CString::new(a).unwrap_or_default()).collect();
+    if let Some(started) = started {
+        std::env::set_var(STARTED_ENV, started.to_string());
+    }
     let err = nix::unistd::execv(c"/init", &argv).unwrap_err();
     Err(format!("executing /init on the new root: {err}"))
-}
-
-/// Milliseconds from the kernel starting PID 1 to now, both on the boot clock and to 10 ms;
-/// None if /proc cannot tell.
-pub fn since_init_started() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/1/stat").ok()?;
-    // Field 22 is the start time; the command (field 2) may hold spaces, so count after ')'.
-    let start_ticks: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&h| h > 0)?;
-    // /proc/uptime: seconds on the boot clock, to 10 ms.
-    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
-    let (secs, hundredths) = uptime.split_whitespace().next()?.split_once('.')?;
-    let now_ms = secs.parse::<u64>().ok()? * 1000 + hundredths.parse::<u64>().ok()? * 10;
-    Some(now_ms.saturating_sub(start_ticks * 1000 / hz))
 }
 
 /// mount(2) of a fresh file system on `target` (created if missing); already mounted is fine.
@@ -149,5 +166,26 @@ pub fn power_off() -> ! {
     // PID 1 must not exit (the kernel would panic, which also ends the VM, less politely).
     loop {
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_time_passed_on_wins_over_now() {
+        assert_eq!(started_from(Some("1500000000"), Some(9)), Some(1_500_000_000));
+        assert_eq!(started_from(None, Some(9)), Some(9));
+        assert_eq!(started_from(Some("not a time"), Some(9)), Some(9));
+        assert_eq!(started_from(None, None), None);
+    }
+
+    #[test]
+    fn milliseconds_since_a_time_on_the_boot_clock() {
+        let now = boot_clock_ns().expect("the boot clock");
+        let ms = ms_since(now.saturating_sub(250_000_000)).unwrap();
+        assert!((250.0..60_000.0).contains(&ms), "{ms} ms");
+        assert_eq!(ms_since(u64::MAX), Some(0.0), "a start in the future counts as now");
     }
 }
