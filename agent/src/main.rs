@@ -12,7 +12,7 @@
 //! - `husk-agent init ...`: internal, the helper that becomes a container process (`init`).
 //!
 //! It prints `husk-agent: ready` on stdout once it serves (as PID 1, with the milliseconds since
-//! /init started, on the boot clock: the kernel's execution of /init, not its re-execution).
+//! /init started, on the boot clock).
 
 mod channel;
 mod clock;
@@ -74,7 +74,7 @@ fn main() {
     }
     let pid1 = std::process::id() == 1;
     let started = if pid1 { pid1::init_started() } else { None };
-    let mounted = if pid1 { pid1::setup(started) } else { Ok(()) };
+    let mounted = if pid1 { pid1::setup() } else { Ok(()) };
     let log = logging::init();
     let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, started, &argv, &log));
     if let Err(e) = result {

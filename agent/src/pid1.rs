@@ -8,21 +8,9 @@ use std::os::fd::AsRawFd;
 
 use nix::mount::MsFlags;
 
-/// Where PID 1 passes, across its re-execution off the initramfs, the time /init started.
-const STARTED_ENV: &str = "HUSK_AGENT_INIT_STARTED_NS";
-
-/// When /init started, in nanoseconds on the boot clock: now for the kernel's execution of
-/// /init, the time that execution passed on for the re-execution (see [`leave_initramfs`]).
-/// Called first thing, before any thread exists (it changes the environment).
+/// Now, in nanoseconds on the boot clock: called first thing in `main`, when /init started.
 pub fn init_started() -> Option<u64> {
-    let inherited = std::env::var(STARTED_ENV).ok();
-    std::env::remove_var(STARTED_ENV);
-    started_from(inherited.as_deref(), boot_clock_ns())
-}
-
-/// The start time passed on by an earlier execution if there is a valid one, else `now`.
-fn started_from(inherited: Option<&str>, now: Option<u64>) -> Option<u64> {
-    inherited.and_then(|v| v.parse().ok()).or(now)
+    boot_clock_ns()
 }
 
 /// Milliseconds on the boot clock since `started` (a time from [`init_started`]).
@@ -35,10 +23,9 @@ fn boot_clock_ns() -> Option<u64> {
     Some(u64::try_from(now.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(now.tv_nsec()).ok()?)
 }
 
-/// Mount what a guest needs and put the console on stdin, stdout and stderr. `started`: when
-/// /init started ([`init_started`]), for the re-execution.
-pub fn setup(started: Option<u64>) -> Result<(), String> {
-    leave_initramfs(started)?;
+/// Mount what a guest needs and put the console on stdin, stdout and stderr.
+pub fn setup() -> Result<(), String> {
+    leave_initramfs()?;
     let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755")?;
     console();
@@ -62,13 +49,13 @@ pub fn setup(started: Option<u64>) -> Result<(), String> {
 
 /// pivot_root(2) cannot move away from the initramfs's root (the kernel's `rootfs` mount), and
 /// every container is set up with pivot_root. So, as switch_root does, PID 1 first moves onto a
-/// tmpfs: it copies itself there, makes that tmpfs the root (MS_MOVE, chroot) and executes
-/// itself again, still as PID 1, telling it when /init started. Returns at once when the root
-/// is no longer `rootfs`.
-fn leave_initramfs(started: Option<u64>) -> Result<(), String> {
+/// tmpfs: it makes that tmpfs the root (MS_MOVE, chroot) and goes on there. Its executable stays
+/// in the initramfs underneath, in use, and containers' helpers start from it as
+/// `/proc/self/exe`: nothing is copied or executed again. Returns at once when the root is not
+/// `rootfs`.
+fn leave_initramfs() -> Result<(), String> {
     mount("proc", "/proc", "proc", MsFlags::empty(), "")?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo");
-    let exe = std::fs::read_link("/proc/self/exe");
     nix::mount::umount("/proc").map_err(|e| format!("umount /proc: {e}"))?;
     let mountinfo = mountinfo.map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
     // Fields: id, parent, major:minor, root, mount point, options, ..., "-", fstype, ...
@@ -81,11 +68,6 @@ fn leave_initramfs(started: Option<u64>) -> Result<(), String> {
     }
     let new_root = "/newroot";
     mount("tmpfs", new_root, "tmpfs", MsFlags::MS_NODEV, "mode=0755")?;
-    let exe = exe.map_err(|e| format!("finding my executable: {e}"))?;
-    let init = format!("{new_root}/init");
-    std::fs::copy(&exe, &init).map_err(|e| format!("copying {} to {init}: {e}", exe.display()))?;
-    // The copy in the initramfs is no longer needed: give its memory back.
-    let _ = std::fs::remove_file(&exe);
     for dir in ["dev", "proc", "sys", "run", "tmp"] {
         std::fs::create_dir_all(format!("{new_root}/{dir}"))
             .map_err(|e| format!("mkdir {new_root}/{dir}: {e}"))?;
@@ -95,13 +77,7 @@ fn leave_initramfs(started: Option<u64>) -> Result<(), String> {
         .map_err(|e| format!("moving {new_root} to /: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot to the new root: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    let argv: Vec<std::ffi::CString> =
-        std::env::args().map(|a| std::ffi::CString::new(a).unwrap_or_default()).collect();
-    if let Some(started) = started {
-        std::env::set_var(STARTED_ENV, started.to_string());
-    }
-    let err = nix::unistd::execv(c"/init", &argv).unwrap_err();
-    Err(format!("executing /init on the new root: {err}"))
+    Ok(())
 }
 
 /// mount(2) of a fresh file system on `target` (created if missing); already mounted is fine.
@@ -174,16 +150,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_start_time_passed_on_wins_over_now() {
-        assert_eq!(started_from(Some("1500000000"), Some(9)), Some(1_500_000_000));
-        assert_eq!(started_from(None, Some(9)), Some(9));
-        assert_eq!(started_from(Some("not a time"), Some(9)), Some(9));
-        assert_eq!(started_from(None, None), None);
-    }
-
-    #[test]
     fn milliseconds_since_a_time_on_the_boot_clock() {
-        let now = boot_clock_ns().expect("the boot clock");
+        let now = init_started().expect("the boot clock");
         let ms = ms_since(now.saturating_sub(250_000_000)).unwrap();
         assert!((250.0..60_000.0).contains(&ms), "{ms} ms");
         assert_eq!(ms_since(u64::MAX), Some(0.0), "a start in the future counts as now");
