@@ -29,19 +29,26 @@ struct LogCopy {
     dropped: AtomicU64,
 }
 
-/// Install the logger (level from `HUSK_AGENT_LOG`, default info); the returned handle starts
-/// the copy once the agent knows where it goes.
+/// The log filter unless `HUSK_AGENT_LOG` gives one: the agent's info lines, and ttrpc's
+/// warnings only (its info lines say that its server started, on a serial console that the
+/// guest's boot waits on, one VM exit per byte).
+const DEFAULT_FILTER: &str = "info,ttrpc=warn";
+
+/// Install the logger (filter from `HUSK_AGENT_LOG`, default [`DEFAULT_FILTER`]); the returned
+/// handle starts the copy once the agent knows where it goes.
 pub fn init() -> Log {
     let copy = Arc::new(LogCopy::default());
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("HUSK_AGENT_LOG", "info"))
-        .format_timestamp_millis()
-        // The same bytes go to the console and the copy: no terminal colours in the copy.
-        .write_style(env_logger::WriteStyle::Never)
-        .target(env_logger::Target::Pipe(Box::new(Tee {
-            console: Box::new(io::stderr()),
-            copy: copy.clone(),
-        })))
-        .init();
+    env_logger::Builder::from_env(
+        env_logger::Env::new().filter_or("HUSK_AGENT_LOG", DEFAULT_FILTER),
+    )
+    .format_timestamp_millis()
+    // The same bytes go to the console and the copy: no terminal colours in the copy.
+    .write_style(env_logger::WriteStyle::Never)
+    .target(env_logger::Target::Pipe(Box::new(Tee {
+        console: Box::new(io::stderr()),
+        copy: copy.clone(),
+    })))
+    .init();
     Log { copy }
 }
 
