@@ -73,7 +73,7 @@ fn main() {
         init::main(&argv[2..]);
     }
     let pid1 = std::process::id() == 1;
-    let started = if pid1 { pid1::init_started() } else { None };
+    let started = if pid1 { pid1::boot_clock_ns() } else { None };
     let mounted = if pid1 { pid1::setup() } else { Ok(()) };
     let log = logging::init();
     let result = mounted.map_err(anyhow::Error::msg).and_then(|()| run(pid1, started, &argv, &log));

@@ -8,17 +8,13 @@ use std::os::fd::AsRawFd;
 
 use nix::mount::MsFlags;
 
-/// Now, in nanoseconds on the boot clock: called first thing in `main`, when /init started.
-pub fn init_started() -> Option<u64> {
-    boot_clock_ns()
-}
-
-/// Milliseconds on the boot clock since `started` (a time from [`init_started`]).
+/// Milliseconds on the boot clock since `started` (a time from [`boot_clock_ns`]).
 pub fn ms_since(started: u64) -> Option<f64> {
     Some(boot_clock_ns()?.saturating_sub(started) as f64 / 1e6)
 }
 
-fn boot_clock_ns() -> Option<u64> {
+/// Now, in nanoseconds on the boot clock (`main` notes it first thing: when /init started).
+pub fn boot_clock_ns() -> Option<u64> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
     Some(u64::try_from(now.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(now.tv_nsec()).ok()?)
 }
@@ -151,7 +147,7 @@ mod tests {
 
     #[test]
     fn milliseconds_since_a_time_on_the_boot_clock() {
-        let now = init_started().expect("the boot clock");
+        let now = boot_clock_ns().expect("the boot clock");
         let ms = ms_since(now.saturating_sub(250_000_000)).unwrap();
         assert!((250.0..60_000.0).contains(&ms), "{ms} ms");
         assert_eq!(ms_since(u64::MAX), Some(0.0), "a start in the future counts as now");
