@@ -146,6 +146,13 @@ fn entries(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The last `n` lines of the file at `path` (none if it cannot be read).
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The files under `dir` (and its subdirectories, not following links) called one of `names`.
 fn files_named(dir: &Path, names: &[&str], found: &mut Vec<PathBuf>) {
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -330,11 +337,7 @@ impl Dockerd {
         let mut files = Vec::new();
         files_named(&self.exec_root(), &["log.json", "console.log"], &mut files);
         for file in files {
-            let text = fs::read_to_string(&file).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- {}:\n", file.display()));
-            out.push_str(&lines[lines.len().saturating_sub(30)..].join("\n"));
-            out.push('\n');
+            out.push_str(&format!("--- {}:\n{}\n", file.display(), last_lines(&file, 30)));
         }
         out
     }
@@ -360,9 +363,7 @@ impl Dockerd {
 
     /// dockerd's log (its last lines).
     fn dockerd_log(&self) -> String {
-        let log = fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        last_lines(&self.dir.path().join("dockerd.log"), 60)
     }
 
     /// husk's logs of the containers it ran since `since` (the last lines of each).
@@ -374,10 +375,8 @@ impl Dockerd {
             if !recent {
                 continue;
             }
-            let log = fs::read_to_string(entry.path()).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
             out.push_str(&format!("--- husk log of container {:?}:\n", entry.file_name()));
-            out.push_str(&lines[lines.len().saturating_sub(40)..].join("\n"));
+            out.push_str(&last_lines(&entry.path(), 40));
             out.push('\n');
         }
         out
