@@ -1,6 +1,13 @@
 //! Where the agent listens: `vsock:PORT` in the guest, `unix:PATH` on a host (tests), and the
 //! connections accepted there (the same byte streams either way). The same addresses name
 //! where the agent connects to (its log copy): `vsock:PORT` is then the host's port.
+//!
+//! A vsock listener serves the host (CID 2) only ([`HostOnly`]). vsock has no network
+//! namespaces, and the guest kernel's loopback transport lets any process in the guest, a
+//! container's included, connect to the agent's ports at CID 1 or the guest's own CID: the
+//! ttrpc port would give it the guest's root (a container with any spec), the stdio port other
+//! processes' streams. A Unix listener (tests on a host) is guarded by its socket file's
+//! permissions.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
@@ -64,6 +71,8 @@ fn vsock_socket() -> io::Result<OwnedFd> {
 /// A listening socket.
 pub struct Listener {
     fd: OwnedFd,
+    /// For a vsock listener: who may connect.
+    host_only: Option<HostOnly>,
 }
 
 impl Listener {
@@ -73,7 +82,7 @@ impl Listener {
                 let fd = vsock_socket()?;
                 socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port))?;
                 socket::listen(&fd, socket::Backlog::new(128).map_err(io::Error::from)?)?;
-                Ok(Self { fd })
+                Ok(Self { fd, host_only: Some(HostOnly) })
             }
             Addr::Unix(path) => {
                 // A socket file left by an earlier agent would make bind fail.
@@ -82,25 +91,56 @@ impl Listener {
                 {
                     std::fs::remove_file(path)?;
                 }
-                Ok(Self { fd: UnixListener::bind(path)?.into() })
+                Ok(Self { fd: UnixListener::bind(path)?.into(), host_only: None })
             }
         }
     }
 
+    /// The next connection this listener serves; others are closed (and logged) on the way.
     pub fn accept(&self) -> io::Result<Conn> {
         loop {
-            match socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            let fd = match socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                 // SAFETY: accept4 just returned this descriptor; nothing else owns it.
-                Ok(fd) => return Ok(Conn(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })),
+                Ok(fd) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
                 Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
                 Err(e) => return Err(e.into()),
+            };
+            match self.host_only.as_ref().map_or(Ok(()), |h| h.check(fd.as_fd())) {
+                Ok(()) => return Ok(Conn(fd)),
+                Err(why) => log::warn!("closed a connection: {why}"),
             }
         }
     }
 
-    /// The descriptor, for a server that does its own accepting (ttrpc).
-    pub fn into_raw_fd(self) -> RawFd {
-        self.fd.into_raw_fd()
+    /// The descriptor, for a server that does its own accepting (ttrpc), and the check that
+    /// server must make of each connection it accepts (a vsock listener's).
+    pub fn into_parts(self) -> (RawFd, Option<HostOnly>) {
+        (self.fd.into_raw_fd(), self.host_only)
+    }
+}
+
+/// Serve the host (CID 2) only: a vsock connection from anywhere else (a process in the guest,
+/// through the loopback transport) is refused. See the module documentation.
+#[derive(Debug)]
+pub struct HostOnly;
+
+impl HostOnly {
+    /// Whether the connection `fd` comes from the host; why not when it does not.
+    fn check(&self, fd: BorrowedFd) -> Result<(), String> {
+        match socket::getpeername::<VsockAddr>(fd.as_raw_fd()) {
+            Ok(peer) if peer.cid() == libc::VMADDR_CID_HOST => Ok(()),
+            Ok(peer) => Err(format!("vsock peer CID {} is not the host's", peer.cid())),
+            Err(e) => Err(format!("no vsock peer address: {e}")),
+        }
+    }
+}
+
+impl ttrpc::AcceptHook for HostOnly {
+    fn on_accept(&self, fd: RawFd) -> Result<ttrpc::HookOutput, ttrpc::HookError> {
+        // SAFETY: ttrpc lends the accepted descriptor for this call and keeps it open.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        self.check(fd).map_err(ttrpc::HookError::Rejected)?;
+        Ok(ttrpc::HookOutput { data: Default::default(), payload_transform: None })
     }
 }
 
@@ -177,5 +217,16 @@ mod tests {
         let err = conn.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn host_only_refuses_a_peer_that_is_not_the_hosts_vsock() {
+        // The check fails closed: a peer it cannot place (here a Unix socket) is refused, by
+        // the stdio accept loop and by ttrpc's hook alike.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let why = HostOnly.check(a.as_fd()).unwrap_err();
+        assert!(why.contains("no vsock peer address"), "{why}");
+        let rejected = ttrpc::AcceptHook::on_accept(&HostOnly, a.as_raw_fd());
+        assert!(matches!(rejected, Err(ttrpc::HookError::Rejected(_))));
     }
 }

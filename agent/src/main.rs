@@ -158,10 +158,14 @@ fn run(
     let service = service::Service::new(containers, shutdown, pid1);
     let agent = Arc::new(service) as Arc<dyn husk_agent_protocol::agent_ttrpc::Agent + Send + Sync>;
     let listener = Listener::bind(&listen).with_context(|| format!("listening on {listen}"))?;
+    let (listener, host_only) = listener.into_parts();
     let mut server = ttrpc::Server::new()
-        .add_listener(listener.into_raw_fd())
+        .add_listener(listener)
         .context("ttrpc listener")?
         .register_service(husk_agent_protocol::agent_ttrpc::create_agent(agent));
+    if let Some(hook) = host_only {
+        server = server.set_accept_hook(hook);
+    }
     server.start().context("starting the ttrpc server")?;
     log::info!("serving on {listen} (stdio on {stdio_listen})");
     match started.and_then(pid1::ms_since) {

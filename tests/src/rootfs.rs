@@ -43,6 +43,27 @@ pub fn busybox_rootfs() -> TempDir {
     dir
 }
 
+/// Copy the host's `program` into the root file system `root` with the shared libraries it
+/// loads (as ldd lists them), each at its own path: a dynamically linked tool in a busybox tree.
+pub fn add_host_program(root: &Path, program: &Path) {
+    let ldd = Command::new("ldd").arg(program).output().expect("ldd runs");
+    assert!(
+        ldd.status.success(),
+        "ldd {}: {}",
+        program.display(),
+        String::from_utf8_lossy(&ldd.stderr)
+    );
+    let libs = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_string))
+        .collect::<Vec<_>>();
+    for file in libs.iter().map(Path::new).chain([program]) {
+        let to = root.join(file.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(file, &to).unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
+    }
+}
+
 /// An ext4 image of `tree` at `image`, `size_mib` large (e2fsprogs' mkfs.ext4 -d).
 pub fn ext4_image(tree: &Path, image: &Path, size_mib: u32) {
     let out = Command::new("mkfs.ext4")

@@ -5,10 +5,12 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use husk_tests::oci::{process, spec};
+use husk_tests::rootfs::add_host_program;
 use husk_tests::runtime::{recv_fd, wait_pid, Husk};
 use serde_json::json;
 
@@ -460,6 +462,44 @@ fn a_container_in_a_network_namespace_reaches_outside_through_the_tap() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"), "filters are gone");
+    husk.assert_nothing_left();
+}
+
+/// A container's process reaching the agent over the guest's vsock loopback: the agent's ttrpc
+/// port (1024) would hand it the guest's root (CreateContainer, ExecProcess with any spec) and
+/// its stdio port (1025) other processes' streams. The agent takes connections from the host
+/// (CID 2) only, so both close at once. The probe is perl (raw AF_VSOCK sockets, no module):
+/// for each port it connects to CID 1, asks the ttrpc service for Check, and prints whether an
+/// answer came, the connection closed, or it stayed open (5 s).
+const VSOCK_PROBE: &str = r#"
+for my $port (1024, 1025) {
+    socket(my $s, 40, 1, 0) or die "socket: $!";
+    if (!connect($s, pack("SSLLCx3", 40, 0, $port, 1, 0))) { print "$port refused ($!)\n"; next }
+    my ($svc, $method) = ("husk.agent.v1.Agent", "Check");
+    my $req = "\x0a" . chr(length $svc) . $svc . "\x12" . chr(length $method) . $method;
+    syswrite($s, pack("NNCC", length $req, 1, 1, 0) . $req);
+    my $n = eval { local $SIG{ALRM} = sub { die "open\n" }; alarm 5; my $n = sysread($s, my $buf, 4096); alarm 0; $n };
+    print "$port ", ($@ ? "stayed open" : $n ? "answered" : "closed"), "\n";
+}
+"#;
+
+#[test]
+fn the_agent_refuses_vsock_connections_from_inside_the_guest() {
+    let husk = Husk::new();
+    add_host_program(husk.rootfs(), Path::new("/usr/bin/perl"));
+    let bundle = husk.bundle("probe", &["perl", "-e", VSOCK_PROBE]);
+    let out = husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), "probe"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per port: {out:?}");
+    for (line, port) in lines.iter().zip(["1024", "1025"]) {
+        let verdict = line.strip_prefix(port).map(str::trim);
+        assert!(
+            verdict.is_some_and(|v| v == "closed" || v.starts_with("refused")),
+            "the agent's port {port} must not serve the container: {line}"
+        );
+    }
     husk.assert_nothing_left();
 }
 
