@@ -14,6 +14,7 @@
 //! It prints `husk-agent: ready` on stdout once it serves (as PID 1, with the milliseconds since
 //! /init started, on the boot clock).
 
+mod args;
 mod channel;
 mod clock;
 mod container;
@@ -35,37 +36,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::Parser;
 use husk_agent_protocol::{AGENT_PORT, STDIO_PORT};
 
 use container::cgroup::CgroupRoot;
 use container::Containers;
 use listen::{Addr, Listener};
-
-#[derive(Parser)]
-#[command(version, about = "husk's guest agent")]
-struct Args {
-    /// Where the ttrpc service listens [PID 1: vsock:1024].
-    #[arg(long, env = "HUSK_AGENT_LISTEN")]
-    listen: Option<Addr>,
-    /// Where the stdio streams are accepted [PID 1: vsock:1025].
-    #[arg(long, env = "HUSK_AGENT_STDIO_LISTEN")]
-    stdio_listen: Option<Addr>,
-    /// The cgroup v2 directory under which container cgroups are made [PID 1:
-    /// /sys/fs/cgroup/containers].
-    #[arg(long, env = "HUSK_AGENT_CGROUP_ROOT")]
-    cgroup_root: Option<PathBuf>,
-    /// Where container roots are staged (empty directories; the mounts are in the containers'
-    /// own mount namespaces) and host files copied.
-    #[arg(long, env = "HUSK_AGENT_STATE_DIR", default_value = "/run/husk-agent")]
-    state_dir: PathBuf,
-    /// Also send the log lines to this address: vsock:PORT is the host's (CID 2) vsock port
-    /// PORT (HUSK_AGENT_LOG_TO=vsock:PORT on the kernel command line). Lines are dropped rather
-    /// than waited for when the reader is slow; a missing or broken connection ends the copy,
-    /// never the agent. [default: the console only]
-    #[arg(long, env = "HUSK_AGENT_LOG_TO")]
-    log_to: Option<Addr>,
-}
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
@@ -95,15 +70,24 @@ fn run(
 ) -> anyhow::Result<()> {
     // Before any thread exists: see reaper.
     reaper::block_sigchld().context("blocking SIGCHLD")?;
-    let args = if pid1 {
+    let env = |var: &str| std::env::var(var).ok();
+    let words = argv.get(1..).unwrap_or_default();
+    let parsed = if pid1 {
         // The kernel hands PID 1 the command line words it does not know: settings come
         // from the environment (HUSK_AGENT_*=... on the kernel command line) and defaults.
-        Args::try_parse().unwrap_or_else(|e| {
+        args::parse(words, env).or_else(|e| {
             log::warn!("ignoring the arguments: {e}");
-            Args::parse_from(&argv[..1.min(argv.len())])
+            args::parse(&[], env)
         })
     } else {
-        Args::parse()
+        args::parse(words, env)
+    };
+    let args = match parsed.map_err(anyhow::Error::msg)? {
+        args::Parsed::Run(args) => args,
+        args::Parsed::Print(text) => {
+            print!("{text}");
+            std::process::exit(0);
+        }
     };
     if let Some(addr) = args.log_to.clone() {
         // Not fatal: the console has the log either way.
