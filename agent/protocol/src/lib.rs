@@ -12,6 +12,9 @@
 //!   [`hybrid_vsock::agent_client`] puts an [`agent_ttrpc::AgentClient`] on it.
 //! - [`STDIO_PORT`] (1025): process stdio, one connection per stream (below).
 //!
+//! Both serve the host (vsock CID 2) only: a connection from inside the guest (the loopback
+//! transport, CID 1 or the guest's own) is closed as soon as it is accepted.
+//!
 //! On a host (tests), the agent listens on Unix sockets instead; the protocol is the same.
 //!
 //! # Requests
