@@ -18,7 +18,8 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 pub enum ConsoleOutput {
     /// The VMM's standard output.
     Stdout,
-    /// A file, created or truncated.
+    /// A file, created or truncated; at 1 MiB it becomes `<file>.1` and a new one starts
+    /// (`devices::legacy::console_file`): the guest cannot grow it without bound.
     File(PathBuf),
     /// Nowhere.
     Discard,

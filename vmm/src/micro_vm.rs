@@ -21,7 +21,9 @@ use crate::arch::{mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::{BootTimer, EventFdTrigger, SerialConsole, SerialInput, I8042};
+use crate::devices::legacy::{
+    BootTimer, ConsoleFile, EventFdTrigger, SerialConsole, SerialInput, I8042,
+};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::net::{Net, NetError};
@@ -383,7 +385,7 @@ fn console_output(output: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmmEr
             Box::new(File::from(fd))
         }
         ConsoleOutput::File(path) => Box::new(
-            File::create(path)
+            ConsoleFile::create(path)
                 .map_err(|source| VmmError::Console { path: path.clone(), source })?,
         ),
         ConsoleOutput::Discard => Box::new(std::io::sink()),

@@ -162,6 +162,44 @@ fn stop_event_ends_a_running_guest() {
     assert_eq!(outcome.exit, GuestExit::Stopped);
 }
 
+/// A guest printing without end fills no more than twice the console file's limit on the host:
+/// the full file becomes `console.1` and a new one starts.
+#[test]
+fn a_guest_flooding_its_console_is_bounded_on_the_host() {
+    require_kvm();
+    let dir = TempDir::new("console-flood");
+    let mut a = Asm::new();
+    a.mov_dx(COM1).mov_al(b'x');
+    let top = a.here();
+    a.out_dx_al().jmp_back(top);
+    let vm = MicroVm::new(&config(&dir, a.code())).unwrap();
+    let stop = vm.stop_event().unwrap();
+    let rotated = dir.path().join("console.1");
+    let watcher = {
+        let rotated = rotated.clone();
+        std::thread::spawn(move || {
+            // Until the file has been rotated and refilled a little (or two minutes).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while std::time::Instant::now() < deadline
+                && std::fs::metadata(&rotated).map_or(true, |m| m.len() == 0)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            stop.write(1).unwrap();
+        })
+    };
+    let outcome = vm.run().expect("a stopped VM is a clean end");
+    watcher.join().unwrap();
+    assert_eq!(outcome.exit, GuestExit::Stopped);
+    let limit = vmm::devices::legacy::console_file::CONSOLE_FILE_LIMIT;
+    let full = std::fs::read(&rotated).expect("the full console file was rotated");
+    assert_eq!(full.len() as u64, limit);
+    assert!(full.iter().all(|&b| b == b'x'));
+    let current = std::fs::metadata(dir.path().join("console")).unwrap().len();
+    assert!(current > 0 && current <= limit, "the new console file: {current} bytes");
+}
+
 #[test]
 fn guest_reads_the_virtio_mmio_registers_of_a_disk() {
     require_kvm();
