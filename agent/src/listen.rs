@@ -14,6 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, VsockAddr};
@@ -73,6 +74,8 @@ pub struct Listener {
     fd: OwnedFd,
     /// For a vsock listener: who may connect.
     host_only: Option<HostOnly>,
+    /// Connections closed by `host_only` so far.
+    refused: AtomicU64,
 }
 
 impl Listener {
@@ -82,7 +85,7 @@ impl Listener {
                 let fd = vsock_socket()?;
                 socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port))?;
                 socket::listen(&fd, socket::Backlog::new(128).map_err(io::Error::from)?)?;
-                Ok(Self { fd, host_only: Some(HostOnly) })
+                Ok(Self { fd, host_only: Some(HostOnly), refused: AtomicU64::new(0) })
             }
             Addr::Unix(path) => {
                 // A socket file left by an earlier agent would make bind fail.
@@ -91,7 +94,11 @@ impl Listener {
                 {
                     std::fs::remove_file(path)?;
                 }
-                Ok(Self { fd: UnixListener::bind(path)?.into(), host_only: None })
+                Ok(Self {
+                    fd: UnixListener::bind(path)?.into(),
+                    host_only: None,
+                    refused: AtomicU64::new(0),
+                })
             }
         }
     }
@@ -107,7 +114,14 @@ impl Listener {
             };
             match self.host_only.as_ref().map_or(Ok(()), |h| h.check(fd.as_fd())) {
                 Ok(()) => return Ok(Conn(fd)),
-                Err(why) => log::warn!("closed a connection: {why}"),
+                Err(why) => {
+                    // A process that connects in a loop must not flood the serial console
+                    // (one VM exit per byte): the 1st, 10th, 100th... refusal is logged.
+                    let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    if is_power_of_ten(n) {
+                        log::warn!("closed a connection: {why} ({n} refused so far)");
+                    }
+                }
             }
         }
     }
@@ -117,6 +131,13 @@ impl Listener {
     pub fn into_parts(self) -> (RawFd, Option<HostOnly>) {
         (self.fd.into_raw_fd(), self.host_only)
     }
+}
+
+fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n.is_multiple_of(10) {
+        n /= 10;
+    }
+    n == 1
 }
 
 /// Serve the host (CID 2) only: a vsock connection from anywhere else (a process in the guest,
@@ -217,6 +238,12 @@ mod tests {
         let err = conn.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn refusals_logged_at_powers_of_ten() {
+        let logged: Vec<u64> = (0..=1000).filter(|&n| is_power_of_ten(n)).collect();
+        assert_eq!(logged, [1, 10, 100, 1000]);
     }
 
     #[test]
