@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use husk_agent_protocol::{AGENT_PORT, STDIO_PORT};
+use husk_agent_protocol::{AGENT_PORT, READY_PORT, STDIO_PORT};
 
 use container::cgroup::CgroupRoot;
 use container::Containers;
@@ -155,6 +155,12 @@ fn run(
     match started.and_then(pid1::ms_since) {
         Some(ms) => println!("husk-agent: ready {ms:.1} ms after /init started"),
         None => println!("husk-agent: ready"),
+    }
+    if let Addr::Vsock(_) = listen {
+        // The host may be waiting for this rather than polling; nothing has to listen.
+        if let Err(e) = Addr::Vsock(READY_PORT).connect() {
+            log::debug!("telling the host we are ready: {e}");
+        }
     }
     loop {
         std::thread::park();

@@ -1,13 +1,16 @@
 //! The runtime's side of the agent protocol: a ttrpc client for the agent in a container's VM,
 //! reached through the VM's hybrid vsock socket in the container's state directory.
 
-use std::path::Path;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_agent_protocol::agent as pb;
 use husk_agent_protocol::agent_ttrpc::AgentClient;
 use husk_agent_protocol::hybrid_vsock;
-use husk_agent_protocol::AGENT_PORT;
+use husk_agent_protocol::{AGENT_PORT, READY_PORT};
 
 /// How long one request may take (creating a container mounts its rootfs; the slowest).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,11 +31,57 @@ pub fn connect(vsock: &Path) -> Result<AgentClient, hybrid_vsock::ConnectError> 
     hybrid_vsock::agent_client(stream)
 }
 
+/// The host end of the agent's readiness signal: a Unix socket at `<vsock uds>_1026`
+/// ([`READY_PORT`]), where the VMM brings the connection the agent makes once it serves.
+/// Removed when dropped.
+pub struct ReadySignal {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ReadySignal {
+    /// Listen next to the VM's hybrid vsock socket `uds` (the path the VMM is given).
+    pub fn listen(uds: &Path) -> io::Result<Self> {
+        let mut path = uds.as_os_str().to_owned();
+        path.push(format!("_{READY_PORT}"));
+        let path = PathBuf::from(path);
+        let listener = UnixListener::bind(&path)?;
+        listener.set_nonblocking(true)?;
+        Ok(ReadySignal { listener, path })
+    }
+
+    /// Wait up to `timeout` for the agent's connection; whether it came.
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut fd =
+            libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll reads and writes the one pollfd it is given, which lives across the call.
+        if unsafe { libc::poll(&mut fd, 1, ms) } <= 0 {
+            return false;
+        }
+        // The connection itself carries nothing: take it and let it close.
+        self.listener.accept().is_ok()
+    }
+}
+
+impl Drop for ReadySignal {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// How often the health check is tried while the VM boots, at most: often enough for an agent
+/// that does not signal readiness ([`ReadySignal`]), seldom enough not to keep the booting guest
+/// answering refused connections.
+const POLL_CAP: Duration = Duration::from_millis(50);
+
 /// Wait until the agent of a booting VM answers a health check, while `vm_alive` says the VM
-/// still runs; `None` when the VM ended or `timeout` passed.
+/// still runs; `None` when the VM ended or `timeout` passed. Between tries it sleeps, or with
+/// `ready` waits for the agent's signal, which cuts the wait short.
 pub fn wait_ready(
     vsock: &Path,
     timeout: Duration,
+    ready: Option<&ReadySignal>,
     vm_alive: impl Fn() -> bool,
 ) -> Option<AgentClient> {
     let start = Instant::now();
@@ -44,8 +93,13 @@ pub fn wait_ready(
                 return Some(client);
             }
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
+        match ready {
+            Some(ready) => {
+                ready.wait(pause);
+            }
+            None => std::thread::sleep(pause),
+        }
+        pause = (pause * 2).min(POLL_CAP);
     }
     None
 }
@@ -55,5 +109,26 @@ pub fn describe(e: &ttrpc::Error) -> String {
     match e {
         ttrpc::Error::RpcStatus(status) => status.message().to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_signal_wakes_on_a_connection_and_removes_its_socket() {
+        let dir = std::env::temp_dir().join(format!("husk-ready-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("vsock.sock");
+        let ready = ReadySignal::listen(&uds).unwrap();
+        let socket = dir.join("vsock.sock_1026");
+        assert!(!ready.wait(Duration::from_millis(10)), "nobody connected yet");
+        // What the VMM does when the agent connects to the host's port 1026.
+        drop(std::os::unix::net::UnixStream::connect(&socket).unwrap());
+        assert!(ready.wait(Duration::from_secs(60)), "the connection is the signal");
+        drop(ready);
+        assert!(!socket.exists(), "the socket goes with the signal");
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

@@ -116,19 +116,25 @@ pub fn boot_and_create(
             uds_path: vsock_socket.path().to_path_buf(),
         }),
     };
+    // Without it (a socket that cannot be made), the health check is polled alone.
+    let ready = agent::ReadySignal::listen(vsock_socket.path())
+        .map_err(|e| log::debug!("no readiness socket for the agent: {e}"))
+        .ok();
     let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
     let stop = vm.stop_event().context("cannot create the VM's stop event")?;
     let thread = crate::threads::try_spawn("vmm", move || vm.run())
         .context("cannot start the VMM thread")?;
     let vm = VmHandle { stop, thread: Some(thread), _vsock: vsock_socket };
-    let client =
-        agent::wait_ready(&vsock, settings.boot_timeout, || vm.running()).ok_or_else(|| {
-            anyhow!(
-                "the guest agent did not answer (the VM {}; its console: {})",
-                if vm.running() { "still boots" } else { "ended" },
-                console_path(dir).display()
-            )
-        })?;
+    let client = agent::wait_ready(&vsock, settings.boot_timeout, ready.as_ref(), || vm.running());
+    // Its socket goes now, while the directory it was made through is still held.
+    drop(ready);
+    let client = client.ok_or_else(|| {
+        anyhow!(
+            "the guest agent did not answer (the VM {}; its console: {})",
+            if vm.running() { "still boots" } else { "ended" },
+            console_path(dir).display()
+        )
+    })?;
     set_guest_clock(&client);
     if let Some(network) = &network {
         configure_guest_network(&client, &network.guest)?;

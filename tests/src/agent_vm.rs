@@ -80,6 +80,29 @@ impl AgentVm {
         (AgentVm { child, dir, client }, listeners)
     }
 
+    /// The next connection the guest made to one of the host ports `boot_with` listened on
+    /// (within a minute; the test fails with the console otherwise).
+    pub fn accept_from_guest(&self, listener: &UnixListener) -> UnixStream {
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no connection from the guest:\n{}",
+                        self.console()
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn
+    }
+
     /// The guest's console so far.
     pub fn console(&self) -> String {
         console(self.dir.path())

@@ -12,6 +12,9 @@
 //!   [`hybrid_vsock::agent_client`] puts an [`agent_ttrpc::AgentClient`] on it.
 //! - [`STDIO_PORT`] (1025): process stdio, one connection per stream (below).
 //!
+//! Once both listen, the agent connects to the host's [`READY_PORT`] (1026) and closes the
+//! connection: the host may wait for that instead of polling the health check.
+//!
 //! Both serve the host (vsock CID 2) only: a connection from inside the guest (the loopback
 //! transport, CID 1 or the guest's own) is closed as soon as it is accepted.
 //!
@@ -67,6 +70,11 @@ include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 
 /// The vsock port of the agent's ttrpc service.
 pub const AGENT_PORT: u32 = 1024;
+
+/// The host's vsock port the agent connects to, and at once closes, when it has started to
+/// serve: a host that listens there (the VMM's Unix socket `<uds>_1026`) learns that the agent
+/// is ready without polling it. Nothing has to listen; the agent goes on either way.
+pub const READY_PORT: u32 = 1026;
 
 /// The vsock port of the agent's stdio streams.
 pub const STDIO_PORT: u32 = 1025;

@@ -6,6 +6,7 @@ use std::io::Write;
 
 use husk_agent_protocol::agent as pb;
 use husk_agent_protocol::stream::StreamKind;
+use husk_agent_protocol::READY_PORT;
 use std::time::Duration;
 
 use husk_tests::agent_vm::{ctx, read_to_end, read_until, AgentVm};
@@ -13,7 +14,10 @@ use husk_tests::oci::{process, spec};
 
 #[test]
 fn containers_run_from_a_disk_with_their_output_env_user_and_exit_codes() {
-    let vm = AgentVm::boot();
+    let (vm, ready) = AgentVm::boot_with("", &[READY_PORT]);
+    // Serving, the agent told the host so on the ready port (and closed the connection).
+    let signal = vm.accept_from_guest(&ready[0]);
+    assert_eq!(read_to_end(signal), "", "the ready connection carries nothing");
     let version = vm.client.version(ctx(), &pb::VersionRequest::new()).expect("Version");
     assert_eq!(version.protocol_version, husk_agent_protocol::PROTOCOL_VERSION);
 
@@ -244,24 +248,7 @@ fn agent_log_lines_reach_a_host_vsock_port() {
     let (vm, listeners) =
         AgentVm::boot_with(&format!("HUSK_AGENT_LOG_TO=vsock:{LOG_PORT}"), &[LOG_PORT]);
     // The agent connected while it started (the queue kept its first lines meanwhile).
-    let listener = &listeners[0];
-    listener.set_nonblocking(true).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut log = loop {
-        match listener.accept() {
-            Ok((conn, _)) => break conn,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "no log connection:\n{}",
-                    vm.console()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    };
-    log.set_nonblocking(false).unwrap();
+    let mut log = vm.accept_from_guest(&listeners[0]);
     let mut seen = String::new();
     read_until(&mut log, &mut seen, "serving on vsock:1024", Duration::from_secs(60));
 
