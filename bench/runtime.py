@@ -25,9 +25,6 @@ import sys
 import tempfile
 import time
 
-BUSYBOX = "/bin/busybox"
-
-
 def busybox_bundle(top, name, args, rootfs):
     """A bundle directory whose config.json runs args on the shared rootfs."""
     bundle = os.path.join(top, name)
@@ -56,12 +53,13 @@ def busybox_bundle(top, name, args, rootfs):
     return bundle
 
 
-def make_rootfs(top):
+def make_rootfs(top, busybox):
+    """A busybox root file system from the static busybox binary at busybox."""
     rootfs = os.path.join(top, "rootfs")
     for d in ("bin", "dev", "proc", "sys", "tmp", "etc"):
         os.makedirs(os.path.join(rootfs, d), exist_ok=True)
-    shutil.copy(BUSYBOX, os.path.join(rootfs, "bin/busybox"))
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True).stdout.split()
+    shutil.copy(busybox, os.path.join(rootfs, "bin/busybox"))
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True).stdout.split()
     for a in applets:
         if a != "busybox":
             os.symlink("busybox", os.path.join(rootfs, "bin", a))
@@ -200,6 +198,7 @@ def main():
     ap.add_argument("--idle-count", type=int, default=10)
     ap.add_argument("--where", required=True)
     ap.add_argument("--json")
+    ap.add_argument("--busybox", default="/bin/busybox", help="a static busybox for the rootfs")
     a = ap.parse_args()
 
     for tool in ("runc", "runsc"):
@@ -207,7 +206,7 @@ def main():
             sys.exit(f"bench: {tool} is missing (apt-get install {tool}; .ci/install-deps has it)")
     top = tempfile.mkdtemp(prefix="husk-bench-runtime-")
     try:
-        rootfs = make_rootfs(top)
+        rootfs = make_rootfs(top, a.busybox)
         true_bundle = busybox_bundle(top, "true", ["true"], rootfs)
         sleep_bundle = busybox_bundle(top, "sleep", ["sleep", "100000"], rootfs)
         runtimes = [
