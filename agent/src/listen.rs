@@ -133,6 +133,7 @@ impl Listener {
     }
 }
 
+/// Whether `n` is 1, 10, 100, ...
 fn is_power_of_ten(mut n: u64) -> bool {
     while n >= 10 && n.is_multiple_of(10) {
         n /= 10;
