@@ -42,6 +42,22 @@ const ROOTFS_DEVICE: &str = "/dev/vda";
 /// agent makes the container's cgroups carries 4 MiB of accounting metadata (4 of the 48 MiB
 /// an idle container cost the host, measured). User memory is still charged and limited.
 const GUEST_CMDLINE: &str = "cgroup.memory=nokmem";
+/// The guest kernel keeps its boot messages off the serial console (errors and worse still
+/// reach it): every byte written there is a VM exit, and the whole boot log made `husk run
+/// true` in the nested test host take 3277 instead of 2260 ms (medians of 10 interleaved
+/// runs, 2026-12-05). `loglevel=7` in the user's parameters, which come after, brings it back.
+const QUIET_CMDLINE: &str = "quiet";
+
+/// The guest's kernel parameters after the VMM's own: husk's, then the user's (which win, as
+/// later parameters do).
+fn guest_cmdline(user: &str) -> String {
+    [GUEST_CMDLINE, QUIET_CMDLINE, user]
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// A micro-VM running on its own threads, stopped when this is dropped.
 struct VmHandle {
@@ -102,7 +118,7 @@ pub fn boot_and_create(
         share_boot_files: true,
         small_boot_pages: true,
         initrd: Some(initrd),
-        extra_cmdline: format!("{GUEST_CMDLINE} {}", settings.kernel_cmdline),
+        extra_cmdline: guest_cmdline(&settings.kernel_cmdline),
         mem_mib: bundle.guest_mem_mib(settings),
         vcpus: bundle.guest_vcpus(settings),
         console: ConsoleConfig {
@@ -320,5 +336,16 @@ pub fn main(global: &crate::cli::GlobalArgs, args: &crate::cli::VmProcessArgs) -
             sync.report(Err(format!("{e:#}")));
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_cmdline_is_quiet_and_the_users_comes_last() {
+        assert_eq!(guest_cmdline(""), "cgroup.memory=nokmem quiet");
+        assert_eq!(guest_cmdline("loglevel=7"), "cgroup.memory=nokmem quiet loglevel=7");
     }
 }

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::agent_vm::guest_image;
-use crate::guest::{guest_kernel, husk_binary, require_real_kvm, NESTED_CMDLINE};
+use crate::guest::{guest_kernel, husk_binary, require_real_kvm, NESTED_TIMING};
 use crate::rootfs::busybox_rootfs;
 use crate::runtime::processes_mentioning;
 use crate::tiny_guest::TempDir;
@@ -255,7 +255,7 @@ impl Dockerd {
             format!(
                 "#!/bin/sh\n\
                  # husk as this suite's dockerd runs it (see husk_tests::docker).\n\
-                 export HUSK_KERNEL='{}' HUSK_INITRD='{}' HUSK_KERNEL_CMDLINE='{NESTED_CMDLINE}'\n\
+                 export HUSK_KERNEL='{}' HUSK_INITRD='{}' HUSK_KERNEL_CMDLINE='{NESTED_TIMING}'\n\
                  export HUSK_CACHE_DIR='{}' HUSK_CONFIG='{}'\n\
                  log= prev=\n\
                  for arg in \"$@\"; do [ \"$prev\" = --log ] && log=$arg; prev=$arg; done\n\

@@ -11,9 +11,18 @@ use std::time::{Duration, Instant};
 use crate::cpio::Cpio;
 use crate::tiny_guest::TempDir;
 
-/// Kernel command line for guests inside the nested test host, where PIT calibration does not
-/// work at emulation speed.
-pub const NESTED_CMDLINE: &str = "quiet lpj=5000000 tsc_early_khz=2600000 no_timer_check";
+macro_rules! nested_timing {
+    () => {
+        "lpj=5000000 tsc_early_khz=2600000 no_timer_check"
+    };
+}
+
+/// Kernel parameters for guests inside the nested test host, where PIT calibration does not
+/// work at emulation speed: what husk's containers are given (husk adds `quiet` itself).
+pub const NESTED_TIMING: &str = nested_timing!();
+
+/// Kernel command line for guests that `husk vm run` boots inside the nested test host.
+pub const NESTED_CMDLINE: &str = concat!("quiet ", nested_timing!());
 
 /// How long a guest may take, boot included, before a test gives up on it.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(300);

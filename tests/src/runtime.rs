@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::agent_vm::guest_image;
-use crate::guest::{guest_kernel, husk_binary, require_real_kvm, NESTED_CMDLINE};
+use crate::guest::{guest_kernel, husk_binary, require_real_kvm, NESTED_TIMING};
 use crate::oci::{process, spec};
 use crate::rootfs::busybox_rootfs;
 use crate::tiny_guest::TempDir;
@@ -83,7 +83,7 @@ impl Husk {
             .args(args)
             .env("HUSK_KERNEL", guest_kernel())
             .env("HUSK_INITRD", guest_image())
-            .env("HUSK_KERNEL_CMDLINE", NESTED_CMDLINE)
+            .env("HUSK_KERNEL_CMDLINE", NESTED_TIMING)
             .env("HUSK_CACHE_DIR", self.dir.path().join("cache"))
             .env("HUSK_CONFIG", self.dir.path().join("config.toml"))
             .stdin(Stdio::null());
