@@ -42,9 +42,7 @@ pub struct ReadySignal {
 impl ReadySignal {
     /// Listen next to the VM's hybrid vsock socket `uds` (the path the VMM is given).
     pub fn listen(uds: &Path) -> io::Result<Self> {
-        let mut path = uds.as_os_str().to_owned();
-        path.push(format!("_{READY_PORT}"));
-        let path = PathBuf::from(path);
+        let path = vmm::devices::virtio::vsock::unix::service_path(uds, READY_PORT);
         let listener = UnixListener::bind(&path)?;
         listener.set_nonblocking(true)?;
         Ok(ReadySignal { listener, path })

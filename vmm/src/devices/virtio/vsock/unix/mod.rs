@@ -13,5 +13,5 @@ pub mod host_client;
 pub mod muxer;
 pub mod socket;
 
-pub use muxer::{Muxer, MuxerError};
+pub use muxer::{service_path, Muxer, MuxerError};
 pub use socket::ListenerError;

@@ -473,7 +473,7 @@ fn watch_stream(
 }
 
 /// The host socket a guest connection to `port` goes to: `<uds_path>_<port>`.
-fn service_path(uds_path: &Path, port: u32) -> PathBuf {
+pub fn service_path(uds_path: &Path, port: u32) -> PathBuf {
     let mut path = uds_path.as_os_str().to_owned();
     path.push(format!("_{port}"));
     PathBuf::from(path)
