@@ -2,7 +2,7 @@
 //! reached through the VM's hybrid vsock socket in the container's state directory.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -50,15 +50,9 @@ impl ReadySignal {
 
     /// Wait up to `timeout` for the agent's connection; whether it came.
     fn wait(&self, timeout: Duration) -> bool {
-        let mut fd =
-            libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: poll reads and writes the one pollfd it is given, which lives across the call.
-        if unsafe { libc::poll(&mut fd, 1, ms) } <= 0 {
-            return false;
-        }
         // The connection itself carries nothing: take it and let it close.
-        self.listener.accept().is_ok()
+        crate::readable::wait_readable(self.listener.as_fd(), timeout)
+            && self.listener.accept().is_ok()
     }
 }
 

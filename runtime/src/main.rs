@@ -13,6 +13,7 @@ mod hooks;
 mod host_cgroup;
 mod logging;
 mod network;
+mod readable;
 mod rootfs_image;
 mod session;
 mod settings;

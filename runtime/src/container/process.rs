@@ -2,7 +2,7 @@
 //! time (field 22 of /proc/<pid>/stat), and waited for from a process that is not its parent
 //! (through a pidfd).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 /// The start time of `pid` in clock ticks since boot, or `None` if there is no such process.
@@ -63,18 +63,7 @@ fn open_pidfd(pid: i32, started: u64) -> Option<OwnedFd> {
 
 /// Wait until the process behind `pidfd` exits (it turns readable), up to `timeout`.
 fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    loop {
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n >= 0 {
-            return n > 0;
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
+    crate::readable::wait_readable(pidfd.as_fd(), timeout)
 }
 
 #[cfg(test)]
