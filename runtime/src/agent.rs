@@ -110,8 +110,8 @@ mod tests {
 
     #[test]
     fn ready_signal_wakes_on_a_connection_and_removes_its_socket() {
-        let dir = std::env::temp_dir().join(format!("husk-ready-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = husk_tests::tiny_guest::TempDir::new("ready-signal");
+        let dir = tmp.path();
         let uds = dir.join("vsock.sock");
         let ready = ReadySignal::listen(&uds).unwrap();
         let socket = dir.join("vsock.sock_1026");
@@ -121,6 +121,5 @@ mod tests {
         assert!(ready.wait(Duration::from_secs(60)), "the connection is the signal");
         drop(ready);
         assert!(!socket.exists(), "the socket goes with the signal");
-        std::fs::remove_dir(&dir).unwrap();
     }
 }

@@ -68,8 +68,8 @@ mod tests {
 
     #[test]
     fn rotates_at_the_limit_keeping_the_newest_output() {
-        let dir = std::env::temp_dir().join(format!("husk-console-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = husk_tests::tiny_guest::TempDir::new("console-file");
+        let dir = tmp.path();
         let path = dir.join("console.log");
         let mut out = ConsoleFile::with_limit(&path, 10).unwrap();
         // 25 bytes, one at a time as the UART writes them, then a write across the limit.
@@ -82,9 +82,8 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"f");
         assert_eq!(std::fs::read(ConsoleFile::rotated_path(&path)).unwrap(), b"eeeeeeeeee");
         let mut names: Vec<_> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, ["console.log", "console.log.1"], "two files at most");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
