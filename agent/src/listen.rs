@@ -74,8 +74,6 @@ pub struct Listener {
     fd: OwnedFd,
     /// For a vsock listener: who may connect.
     host_only: Option<HostOnly>,
-    /// Connections closed by `host_only` so far.
-    refused: AtomicU64,
 }
 
 impl Listener {
@@ -85,7 +83,7 @@ impl Listener {
                 let fd = vsock_socket()?;
                 socket::bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, *port))?;
                 socket::listen(&fd, socket::Backlog::new(128).map_err(io::Error::from)?)?;
-                Ok(Self { fd, host_only: Some(HostOnly), refused: AtomicU64::new(0) })
+                Ok(Self { fd, host_only: Some(HostOnly::default()) })
             }
             Addr::Unix(path) => {
                 // A socket file left by an earlier agent would make bind fail.
@@ -94,11 +92,7 @@ impl Listener {
                 {
                     std::fs::remove_file(path)?;
                 }
-                Ok(Self {
-                    fd: UnixListener::bind(path)?.into(),
-                    host_only: None,
-                    refused: AtomicU64::new(0),
-                })
+                Ok(Self { fd: UnixListener::bind(path)?.into(), host_only: None })
             }
         }
     }
@@ -112,17 +106,13 @@ impl Listener {
                 Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ECONNABORTED) => continue,
                 Err(e) => return Err(e.into()),
             };
-            match self.host_only.as_ref().map_or(Ok(()), |h| h.check(fd.as_fd())) {
-                Ok(()) => return Ok(Conn(fd)),
-                Err(why) => {
-                    // A process that connects in a loop must not flood the serial console
-                    // (one VM exit per byte): the 1st, 10th, 100th... refusal is logged.
-                    let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-                    if is_power_of_ten(n) {
-                        log::warn!("closed a connection: {why} ({n} refused so far)");
-                    }
+            if let Some(host_only) = &self.host_only {
+                if let Err(why) = host_only.check(fd.as_fd()) {
+                    host_only.log_refusal(&why);
+                    continue;
                 }
             }
+            return Ok(Conn(fd));
         }
     }
 
@@ -143,10 +133,22 @@ fn is_power_of_ten(mut n: u64) -> bool {
 
 /// Serve the host (CID 2) only: a vsock connection from anywhere else (a process in the guest,
 /// through the loopback transport) is refused. See the module documentation.
-#[derive(Debug)]
-pub struct HostOnly;
+#[derive(Debug, Default)]
+pub struct HostOnly {
+    /// Connections the accept loop has refused so far.
+    refused: AtomicU64,
+}
 
 impl HostOnly {
+    /// Log a refusal, the 1st, 10th, 100th... only: a process that connects in a loop must not
+    /// flood the serial console (one VM exit per byte).
+    fn log_refusal(&self, why: &str) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if is_power_of_ten(n) {
+            log::warn!("closed a connection: {why} ({n} refused so far)");
+        }
+    }
+
     /// Whether the connection `fd` comes from the host; why not when it does not.
     fn check(&self, fd: BorrowedFd) -> Result<(), String> {
         match socket::getpeername::<VsockAddr>(fd.as_raw_fd()) {
@@ -252,9 +254,9 @@ mod tests {
         // The check fails closed: a peer it cannot place (here a Unix socket) is refused, by
         // the stdio accept loop and by ttrpc's hook alike.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let why = HostOnly.check(a.as_fd()).unwrap_err();
+        let why = HostOnly::default().check(a.as_fd()).unwrap_err();
         assert!(why.contains("no vsock peer address"), "{why}");
-        let rejected = ttrpc::AcceptHook::on_accept(&HostOnly, a.as_raw_fd());
+        let rejected = ttrpc::AcceptHook::on_accept(&HostOnly::default(), a.as_raw_fd());
         assert!(matches!(rejected, Err(ttrpc::HookError::Rejected(_))));
     }
 }
