@@ -18,6 +18,7 @@ use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;
 use vmm::devices::virtio::vsock::VsockConfig;
 use vmm::micro_vm::{MicroVm, VmOutcome, VmmError};
+use vmm::zero_pages::ZeroPageReclaim;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::agent::{self, ctx, describe};
@@ -62,6 +63,7 @@ fn guest_cmdline(user: &str) -> String {
 /// A micro-VM running on its own threads, stopped when this is dropped.
 struct VmHandle {
     stop: EventFd,
+    zero_pages: ZeroPageReclaim,
     thread: Option<JoinHandle<Result<VmOutcome, VmmError>>>,
     /// The path the VMM has its vsock socket at, valid while this lives.
     _vsock: SocketPath,
@@ -77,8 +79,14 @@ impl Drop for VmHandle {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(thread) = self.thread.take() {
+            let given_back = self.zero_pages.reclaimed_bytes() >> 10;
             match thread.join() {
-                Ok(Ok(outcome)) => log::debug!("the VM ended: {:?}", outcome.exit),
+                Ok(Ok(outcome)) => {
+                    log::debug!(
+                        "the VM ended: {:?}; {given_back} KiB of zero pages given back",
+                        outcome.exit
+                    )
+                }
                 Ok(Err(e)) => log::error!("the VM failed: {}", vmm::error_chain::ErrorChain(&e)),
                 Err(_) => log::error!("the VM thread panicked"),
             }
@@ -138,9 +146,10 @@ pub fn boot_and_create(
         .ok();
     let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
     let stop = vm.stop_event().context("cannot create the VM's stop event")?;
+    let zero_pages = vm.zero_page_reclaim().context("cannot create the VM's reclaim event")?;
     let thread = crate::threads::try_spawn("vmm", move || vm.run())
         .context("cannot start the VMM thread")?;
-    let vm = VmHandle { stop, thread: Some(thread), _vsock: vsock_socket };
+    let vm = VmHandle { stop, zero_pages, thread: Some(thread), _vsock: vsock_socket };
     let client = agent::wait_ready(&vsock, settings.boot_timeout, ready.as_ref(), || vm.running());
     // Its socket goes now, while the directory it was made through is still held.
     drop(ready);
@@ -156,6 +165,10 @@ pub fn boot_and_create(
         configure_guest_network(&client, &network.guest)?;
     }
     create_container(&client, record, bundle)?;
+    // The guest has booted and made the container: what its boot left zeroed goes back now.
+    if let Err(e) = vm.zero_pages.request() {
+        log::warn!("cannot ask for the guest's zero pages: {e}");
+    }
     let session = Session::attach(client.clone(), &vsock, &record.id, "", terminal, control_tty)?;
     Ok(CreatedContainer { client, session, vm, network: network.map(|n| n.record) })
 }

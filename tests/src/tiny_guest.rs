@@ -105,6 +105,16 @@ impl Asm {
         self.emit(&[0x48, 0x81, 0xfe]).emit(&v.to_le_bytes())
     }
 
+    /// `add rbx, v` (sign-extended 32-bit immediate)
+    pub fn add_rbx(&mut self, v: u32) -> &mut Self {
+        self.emit(&[0x48, 0x81, 0xc3]).emit(&v.to_le_bytes())
+    }
+
+    /// `cmp rbx, v` (sign-extended 32-bit immediate)
+    pub fn cmp_rbx(&mut self, v: u32) -> &mut Self {
+        self.emit(&[0x48, 0x81, 0xfb]).emit(&v.to_le_bytes())
+    }
+
     /// `mov ebx, [rsi + disp]`
     pub fn mov_ebx_rsi_disp(&mut self, disp: u32) -> &mut Self {
         self.emit(&[0x8b, 0x9e]).emit(&disp.to_le_bytes())

@@ -11,3 +11,4 @@ pub mod kvm_vm;
 pub mod memory;
 pub mod micro_vm;
 pub mod vcpu;
+pub mod zero_pages;

@@ -245,8 +245,7 @@ pub fn create_guest_memory_with_small_pages_below(
 }
 
 /// The address range a `/proc/self/maps` (or `smaps` header) line describes.
-#[cfg(test)]
-fn maps_range(line: &str) -> Option<std::ops::Range<usize>> {
+pub(crate) fn maps_range(line: &str) -> Option<std::ops::Range<usize>> {
     let (lo, hi) = line.split_once(' ')?.0.split_once('-')?;
     Some(usize::from_str_radix(lo, 16).ok()?..usize::from_str_radix(hi, 16).ok()?)
 }

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::ops::Deref;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -34,7 +35,8 @@ use crate::memory::{
     create_guest_memory_with_small_pages_below, GuestMemoryMmap, GuestRam, MemoryError,
     SMALL_BOOT_PAGES,
 };
-use crate::vcpu::{kick, Vcpu, VcpuError, VcpuStop};
+use crate::vcpu::{kick, PauseGate, Vcpu, VcpuError, VcpuStop};
+use crate::zero_pages::{ZeroPageReclaim, ZeroPageReclaimer};
 
 /// What the VMM puts on every kernel command line: the serial console, reset through the
 /// i8042 (which ends the VM), reboot at once on panic, no PCI bus to probe.
@@ -45,6 +47,9 @@ const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The event loop's subscribers.
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The vCPU threads while they run: unjoined until the event loop ends.
+type VcpuThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
 /// Why a micro-VM could not be built or did not end cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +145,9 @@ pub struct MicroVm {
     vcpu_stop_evt: EventFd,
     host_stop_evt: EventFd,
     stop: Arc<AtomicBool>,
+    pause_gate: Arc<PauseGate>,
+    vcpu_threads: VcpuThreads,
+    zero_pages: Arc<Mutex<ZeroPageReclaimer>>,
     boot_time: Arc<Mutex<Option<Duration>>>,
     /// Held only to keep guest memory mapped while the vCPUs run; declared last, so that it
     /// is unmapped after everything that uses it is gone.
@@ -264,6 +272,18 @@ impl MicroVm {
             outcome: None,
         }));
         event_manager.add_subscriber(exit_monitor.clone());
+        let pause_gate = Arc::new(PauseGate::default());
+        let vcpu_threads = VcpuThreads::default();
+        let zero_pages = Arc::new(Mutex::new(
+            ZeroPageReclaimer::new(
+                mem.deref().clone(),
+                small_below as u64,
+                pause_gate.clone(),
+                vcpu_threads.clone(),
+            )
+            .map_err(|e| VmmError::EventLoop(format!("cannot create an eventfd: {e}")))?,
+        ));
+        event_manager.add_subscriber(zero_pages.clone());
         log::debug!("micro-VM built in {:?}", start.elapsed());
         Ok(MicroVm {
             _vm: vm,
@@ -274,6 +294,9 @@ impl MicroVm {
             vcpu_stop_evt,
             host_stop_evt,
             stop,
+            pause_gate,
+            vcpu_threads,
+            zero_pages,
             boot_time,
             _mem: mem,
         })
@@ -285,19 +308,27 @@ impl MicroVm {
         self.host_stop_evt.try_clone()
     }
 
+    /// The handle that asks this VM to give its guest's zero pages back to the host (see
+    /// [`crate::zero_pages`]); only the small boot pages are scanned, so it finds nothing in
+    /// a VM without them.
+    pub fn zero_page_reclaim(&self) -> std::io::Result<ZeroPageReclaim> {
+        self.zero_pages.lock().unwrap_or_else(|e| e.into_inner()).handle()
+    }
+
     /// Run until the guest ends; returns how it ended, or why it did not end cleanly.
     pub fn run(mut self) -> Result<VmOutcome, VmmError> {
-        let mut threads = Vec::with_capacity(self.vcpus.len());
         let mut start_error = None;
         for vcpu in std::mem::take(&mut self.vcpus) {
             let stops = self.vcpu_stops.clone();
             let evt =
                 self.vcpu_stop_evt.try_clone().map_err(|e| VmmError::EventLoop(e.to_string()))?;
-            match vcpu.start(self.stop.clone(), move |id, end| {
+            match vcpu.start(self.stop.clone(), self.pause_gate.clone(), move |id, end| {
                 let _ = stops.send((id, end));
                 let _ = evt.write(1);
             }) {
-                Ok(thread) => threads.push(thread),
+                Ok(thread) => {
+                    self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()).push(thread)
+                }
                 Err(e) => {
                     start_error = Some(e.into());
                     break;
@@ -309,6 +340,8 @@ impl MicroVm {
             None => self.run_event_loop(),
         };
         self.stop.store(true, Ordering::SeqCst);
+        let threads =
+            std::mem::take(&mut *self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()));
         stop_vcpu_threads(threads);
         let boot_time = *self.boot_time.lock().unwrap_or_else(|e| e.into_inner());
         result.map(|exit| VmOutcome { exit, boot_time })

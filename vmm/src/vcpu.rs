@@ -3,11 +3,13 @@
 //!
 //! Stopping: the VM's stop flag is checked after every exit; a vCPU blocked in `KVM_RUN` is
 //! kicked out with a signal (see [`kick`]), retried until its thread ends, since a signal that
-//! lands just before `KVM_RUN` starts is not seen by it.
+//! lands just before `KVM_RUN` starts is not seen by it. Pausing ([`PauseGate`]) works the same
+//! way: the vCPUs are kicked until every running one waits at the gate, between two exits.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -105,9 +107,14 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Run the guest until `stop` is raised or the guest ends.
-    pub fn run(&mut self, stop: &AtomicBool) -> VcpuStop {
+    /// Run the guest until `stop` is raised or the guest ends, waiting at `gate` whenever a
+    /// pause is asked for.
+    pub fn run(&mut self, stop: &AtomicBool, gate: &PauseGate) -> VcpuStop {
         loop {
+            if stop.load(Ordering::SeqCst) {
+                return VcpuStop::Stopped;
+            }
+            gate.wait_while_paused();
             if stop.load(Ordering::SeqCst) {
                 return VcpuStop::Stopped;
             }
@@ -165,22 +172,114 @@ impl Vcpu {
         None
     }
 
-    /// Run on a new thread; `on_stop` is called with how the loop ended.
+    /// Run on a new thread, counted by `gate` as running until its loop ends; `on_stop` is
+    /// called with how the loop ended.
     pub fn start(
         mut self,
         stop: Arc<AtomicBool>,
+        gate: Arc<PauseGate>,
         on_stop: impl FnOnce(u8, VcpuStop) + Send + 'static,
     ) -> Result<JoinHandle<()>, VcpuError> {
         install_kick_handler();
         let id = self.id;
+        gate.enter();
+        let thread_gate = gate.clone();
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .stack_size(VCPU_STACK_SIZE)
             .spawn(move || {
-                let end = self.run(&stop);
+                let end = self.run(&stop, &thread_gate);
+                thread_gate.leave();
                 on_stop(id, end);
             })
+            .inspect_err(|_| gate.leave())
             .map_err(|source| VcpuError::Spawn { id, source })
+    }
+}
+
+/// Where vCPU threads wait, outside `KVM_RUN`, while the VMM works on guest memory that the
+/// guest must not touch meanwhile (see [`PauseGate::pause`]).
+#[derive(Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// A pause is asked for.
+    requested: bool,
+    /// vCPU threads whose run loop has not ended.
+    running: usize,
+    /// vCPU threads waiting at the gate.
+    waiting: usize,
+}
+
+/// While this lives, no vCPU of its gate runs the guest; dropping it lets them go on.
+#[must_use]
+pub struct Paused<'a> {
+    gate: &'a PauseGate,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.gate.lock().requested = false;
+        self.gate.changed.notify_all();
+    }
+}
+
+impl PauseGate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A vCPU thread is about to start: from now on a pause waits for it.
+    fn enter(&self) {
+        self.lock().running += 1;
+    }
+
+    /// A vCPU thread's loop has ended (or it never started).
+    fn leave(&self) {
+        self.lock().running -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between two `KVM_RUN`s: wait as long as a pause is asked for.
+    fn wait_while_paused(&self) {
+        let mut state = self.lock();
+        if !state.requested {
+            return;
+        }
+        state.waiting += 1;
+        self.changed.notify_all();
+        while state.requested {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.waiting -= 1;
+    }
+
+    /// Hold every running vCPU out of `KVM_RUN`, kicking `threads` (the vCPU threads) out of
+    /// it until they all wait at the gate; `None` if they did not within `timeout` (one is
+    /// stuck in a device's handler), and then they go on.
+    pub fn pause(&self, threads: &[JoinHandle<()>], timeout: Duration) -> Option<Paused<'_>> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        state.requested = true;
+        let paused = Paused { gate: self };
+        while state.waiting < state.running {
+            if Instant::now() >= deadline {
+                drop(state);
+                return None;
+            }
+            threads.iter().for_each(kick);
+            // A kick that lands just before `KVM_RUN` starts is lost: kick again soon.
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Some(paused)
     }
 }
 
@@ -204,9 +303,80 @@ fn install_kick_handler() {
 /// Interrupt the vCPU thread `thread` if it is inside `KVM_RUN`.
 pub fn kick(thread: &JoinHandle<()>) {
     use std::os::unix::thread::JoinHandleExt;
-    // SAFETY: the pthread is alive (the handle has not been joined) and the kick signal has a
-    // handler installed (installed before any vCPU thread starts), so it only interrupts KVM_RUN.
+    // SAFETY: the pthread is valid (alive, or ended but not yet reaped: the handle has not been
+    // joined) and the kick signal has a handler installed (installed before any vCPU thread
+    // starts), so it only interrupts KVM_RUN.
     unsafe {
         libc::pthread_kill(thread.as_pthread_t(), kick_signal());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// Threads that count as vCPUs at `gate`, each adding to `count` between two waits at the
+    /// gate until `stop`; `slow` makes them sleep a second between two waits.
+    fn vcpu_like_threads(
+        gate: &Arc<PauseGate>,
+        stop: &Arc<AtomicBool>,
+        count: &Arc<AtomicU64>,
+        slow: bool,
+    ) -> Vec<JoinHandle<()>> {
+        install_kick_handler();
+        (0..2)
+            .map(|_| {
+                let (gate, stop, count) = (gate.clone(), stop.clone(), count.clone());
+                gate.enter();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        gate.wait_while_paused();
+                        count.fetch_add(1, Ordering::SeqCst);
+                        if slow {
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                    gate.leave();
+                })
+            })
+            .collect()
+    }
+
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_pause_holds_every_vcpu_until_it_is_dropped() {
+        let (gate, stop, count) = (Arc::default(), Arc::default(), Arc::new(AtomicU64::new(0)));
+        let threads = vcpu_like_threads(&gate, &stop, &count, false);
+        wait_for("the threads run", || count.load(Ordering::SeqCst) > 0);
+        let paused = gate.pause(&threads, Duration::from_secs(5)).expect("both pause");
+        let held = count.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(count.load(Ordering::SeqCst), held, "nothing runs while paused");
+        drop(paused);
+        wait_for("the threads go on", || count.load(Ordering::SeqCst) > held);
+        stop.store(true, Ordering::SeqCst);
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let paused = gate.pause(&[], Duration::from_millis(10));
+        assert!(paused.is_some(), "ended threads are not waited for");
+    }
+
+    #[test]
+    fn a_pause_that_does_not_come_in_time_is_given_up() {
+        let (gate, stop, count) = (Arc::default(), Arc::default(), Arc::new(AtomicU64::new(0)));
+        let threads = vcpu_like_threads(&gate, &stop, &count, true);
+        wait_for("the threads run", || count.load(Ordering::SeqCst) == 2);
+        assert!(gate.pause(&threads, Duration::from_millis(50)).is_none(), "they sleep");
+        stop.store(true, Ordering::SeqCst);
+        // Given up, the pause is no longer asked for: the threads pass the gate and end.
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 }

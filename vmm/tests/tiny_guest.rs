@@ -162,6 +162,52 @@ fn stop_event_ends_a_running_guest() {
     assert_eq!(outcome.exit, GuestExit::Stopped);
 }
 
+/// A guest that wrote zeros over 1 MiB gets those pages taken back when the host asks, while
+/// it runs; the page it wrote a value to stays, and it keeps reading the value there.
+#[test]
+fn zero_pages_go_back_to_the_host_while_the_guest_runs_on() {
+    require_kvm();
+    let dir = TempDir::new("zero-pages");
+    let (zeros, value_at, value) = (0x40_0000u32, 0x50_0000u32, 0x1234_5678u32);
+    let mut a = Asm::new();
+    a.mov_rbx(zeros.into());
+    let zero_loop = a.here();
+    a.mov_at_rbx_dword(0, 0).add_rbx(4096).cmp_rbx(zeros + (1 << 20));
+    let zeroed = a.jz();
+    a.jmp_back(zero_loop).bind(zeroed);
+    a.mov_rbx(value_at.into()).mov_at_rbx_dword(0, value).mov_dx(COM1).print(b"ready\n");
+    let check = a.here();
+    a.mov_eax_at_rbx(0).cmp_eax(value);
+    let changed = a.jnz();
+    a.jmp_back(check).bind(changed).print(b"value lost\n").i8042_reset();
+    let mut cfg = config(&dir, a.code());
+    cfg.small_boot_pages = true;
+    let vm = MicroVm::new(&cfg).unwrap();
+    let reclaim = vm.zero_page_reclaim().unwrap();
+    let stop = vm.stop_event().unwrap();
+    let runner = std::thread::spawn(move || vm.run());
+
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}; console: {}", console(&dir));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    wait("the guest zeroes its pages", &|| console(&dir) == "ready\n");
+    reclaim.request().unwrap();
+    wait("the reclaim ends", &|| reclaim.reclaimed_bytes() > 0);
+    let bytes = reclaim.reclaimed_bytes();
+    // The guest's other pages (code, boot structures, the value) are the VMM's writes, not
+    // zeros; a few of those may be whole pages of zeros.
+    assert!((1 << 20..(1 << 20) + (64 << 10)).contains(&bytes), "{bytes} bytes given back");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    stop.write(1).unwrap();
+    let outcome = runner.join().unwrap().expect("a stopped VM is a clean end");
+    assert_eq!(outcome.exit, GuestExit::Stopped);
+    assert_eq!(console(&dir), "ready\n", "the guest still reads its value");
+}
+
 /// A guest printing without end fills no more than twice the console file's limit on the host:
 /// the full file becomes `console.1` and a new one starts.
 #[test]
@@ -247,7 +293,8 @@ fn run_until_reset(vm: &vmm::kvm_vm::KvmVm, mmio: vmm::devices::bus::Bus) {
     .unwrap();
     let mut vcpu = vmm::vcpu::Vcpu::new(vm, 0, Arc::new(pio), Arc::new(mmio)).unwrap();
     vcpu.configure(vm, GuestAddress(LOAD_ADDR), 1).unwrap();
-    assert_eq!(vcpu.run(&stop), vmm::vcpu::VcpuStop::Stopped);
+    let gate = vmm::vcpu::PauseGate::default();
+    assert_eq!(vcpu.run(&stop, &gate), vmm::vcpu::VcpuStop::Stopped);
 }
 
 #[derive(Default)]
