@@ -39,7 +39,7 @@ pub type GuestRegionMmap = Region<()>;
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// The alignment of each mapping: the x86 huge page size.
-const HUGE_PAGE: usize = 2 << 20;
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
 /// How much of guest memory, from address 0, small boot pages cover (see the module's doc).
 pub const SMALL_BOOT_PAGES: usize = 64 << 20;
 

@@ -10,10 +10,14 @@
 //!
 //! The vCPUs must wait meanwhile: a page the guest writes between the check and the drop
 //! would lose the write. Device emulation writes guest memory only on the event loop's thread,
-//! which is the one doing this. Only anonymous mappings with small pages are scanned (the
-//! VMM's small boot pages): in a private mapping of a file (the kernel's, the initramfs's) a
-//! dropped page would read the file's bytes again, and dropping 4 KiB of a 2 MiB huge page
-//! only splits it, freeing memory later under pressure if at all.
+//! which is the one doing this. Only anonymous mappings are scanned: in a private mapping of a
+//! file (the kernel's, the initramfs's) a dropped page would read the file's bytes again.
+//!
+//! Above the small boot pages guest memory is backed by 2 MiB huge pages, where dropping 4 KiB
+//! only splits the huge page's mapping: Linux frees its parts later under memory pressure, if
+//! at all. A huge page at least a quarter zeros (the guest kernel's early allocations at the
+//! top of its memory leave one) is rebuilt from small pages instead: its other pages copied
+//! aside, the whole 2 MiB dropped and advised against huge pages, the copies written back.
 
 use std::io;
 use std::ops::Range;
@@ -26,11 +30,13 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::{maps_range, GuestMemoryMmap};
+use crate::memory::{maps_range, GuestMemoryMmap, HUGE_PAGE};
 use crate::vcpu::{PauseGate, Paused};
 
 /// The host's page size, and the unit guest memory is dropped in.
 const PAGE: usize = 4096;
+/// The zero pages that make a huge page worth rebuilding from small pages: a quarter of it.
+const SPARSE_HUGE_PAGE_ZEROS: usize = HUGE_PAGE / PAGE / 4;
 /// How long the vCPUs may take to stop before the reclaim is given up.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -58,7 +64,7 @@ pub(crate) struct ZeroPageReclaimer {
     trigger: EventFd,
     reclaimed: Arc<AtomicU64>,
     mem: GuestMemoryMmap,
-    /// The guest addresses below this have small pages.
+    /// The guest addresses below this have small pages, those above huge pages.
     small_below: u64,
     gate: Arc<PauseGate>,
     /// The vCPU threads to pause, unjoined while the event loop runs.
@@ -66,8 +72,8 @@ pub(crate) struct ZeroPageReclaimer {
 }
 
 impl ZeroPageReclaimer {
-    /// A reclaimer of `mem`'s zero pages below guest address `small_below`, pausing `vcpus`
-    /// at `gate` while it works.
+    /// A reclaimer of `mem`'s zero pages, small pages below guest address `small_below`,
+    /// pausing `vcpus` at `gate` while it works.
     pub(crate) fn new(
         mem: GuestMemoryMmap,
         small_below: u64,
@@ -119,30 +125,35 @@ impl MutEventSubscriber for ZeroPageReclaimer {
     }
 }
 
-/// Drop the resident pages of `mem` below guest address `below` that lie in anonymous
-/// mappings and hold only zeros; returns how many bytes. `_paused` proves that no vCPU runs;
-/// the caller is the only other writer of guest memory.
+/// Give back the resident pages of `mem` that lie in anonymous mappings and hold only zeros:
+/// below guest address `small_below` each such page, above it the huge pages that are sparse
+/// enough; returns how many bytes. `_paused` proves that no vCPU runs; the caller is the only
+/// other writer of guest memory.
 pub(crate) fn reclaim_zero_pages(
     mem: &GuestMemoryMmap,
-    below: u64,
+    small_below: u64,
     _paused: &Paused<'_>,
 ) -> io::Result<u64> {
     let anonymous = anonymous_mappings(&std::fs::read_to_string("/proc/self/maps")?);
     let mut freed = 0;
     for region in mem.iter() {
         let start = region.start_addr().0;
-        if start >= below {
-            continue;
-        }
-        let len = usize::try_from((below - start).min(region.len())).unwrap_or(usize::MAX);
         let host = mem
             .get_host_address(GuestAddress(start))
             .map_err(|e| io::Error::other(e.to_string()))? as usize;
-        let small = host..host + len;
+        let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+        let small = usize::try_from(small_below.saturating_sub(start)).unwrap_or(usize::MAX);
+        let split = host + small.min(len);
         for mapping in &anonymous {
-            let range = mapping.start.max(small.start)..mapping.end.min(small.end);
-            if range.start < range.end {
-                freed += drop_zero_pages(range)?;
+            let range = mapping.start.max(host)..mapping.end.min(host + len);
+            if range.start >= range.end {
+                continue;
+            }
+            if range.start < split {
+                freed += drop_zero_pages(range.start..range.end.min(split))?;
+            }
+            if range.end > split {
+                freed += rebuild_sparse_huge_pages(range.start.max(split)..range.end)?;
             }
         }
     }
@@ -160,25 +171,28 @@ fn anonymous_mappings(maps: &str) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Drop the resident pages of `range` (page-aligned, within one anonymous mapping of guest
-/// memory) that hold only zeros; returns how many bytes.
-fn drop_zero_pages(range: Range<usize>) -> io::Result<u64> {
-    let pages = range.len() / PAGE;
-    let mut resident = vec![0u8; pages];
+/// Which pages of `range` (page-aligned, within one mapping) are resident.
+fn resident_pages(range: &Range<usize>) -> io::Result<Vec<bool>> {
+    let mut flags = vec![0u8; range.len() / PAGE];
     // SAFETY: mincore reads the page tables of `range`, which is mapped (an anonymous mapping
     // found in /proc/self/maps, guest memory that stays mapped while `mem` lives), and writes
-    // one byte per page into `resident`, which has one per page.
-    if unsafe {
-        libc::mincore(range.start as *mut libc::c_void, range.len(), resident.as_mut_ptr())
-    } != 0
+    // one byte per page into `flags`, which has one per page.
+    if unsafe { libc::mincore(range.start as *mut libc::c_void, range.len(), flags.as_mut_ptr()) }
+        != 0
     {
         return Err(io::Error::last_os_error());
     }
+    Ok(flags.iter().map(|f| f & 1 != 0).collect())
+}
+
+/// Drop the resident pages of `range` (page-aligned, within one anonymous mapping of guest
+/// memory with small pages) that hold only zeros; returns how many bytes.
+fn drop_zero_pages(range: Range<usize>) -> io::Result<u64> {
     let mut freed = 0;
     let mut run: Option<usize> = None;
-    for (index, flags) in resident.iter().enumerate() {
+    for (index, resident) in resident_pages(&range)?.into_iter().enumerate() {
         let page = range.start + index * PAGE;
-        if flags & 1 != 0 && holds_only_zeros(page) {
+        if resident && holds_only_zeros(page) {
             run.get_or_insert(page);
             continue;
         }
@@ -192,6 +206,54 @@ fn drop_zero_pages(range: Range<usize>) -> io::Result<u64> {
     Ok(freed)
 }
 
+/// Rebuild from small pages the huge pages of `range` (within one anonymous mapping of guest
+/// memory with huge pages) that are at least [`SPARSE_HUGE_PAGE_ZEROS`] zeros; returns how
+/// many bytes that gave back.
+fn rebuild_sparse_huge_pages(range: Range<usize>) -> io::Result<u64> {
+    let mut freed = 0;
+    let mut start = range.start;
+    while start < range.end {
+        let chunk = start..(start / HUGE_PAGE * HUGE_PAGE + HUGE_PAGE).min(range.end);
+        start = chunk.end;
+        if chunk.len() < HUGE_PAGE {
+            // Not a whole huge page of the mapping: small pages.
+            freed += drop_zero_pages(chunk)?;
+            continue;
+        }
+        let resident = resident_pages(&chunk)?;
+        let pages = |wanted_zero: bool| {
+            let chunk = &chunk;
+            resident.iter().enumerate().filter_map(move |(index, &resident)| {
+                let page = chunk.start + index * PAGE;
+                (resident && holds_only_zeros(page) == wanted_zero).then_some(page)
+            })
+        };
+        let zeros = pages(true).count();
+        if zeros < SPARSE_HUGE_PAGE_ZEROS {
+            continue;
+        }
+        let kept: Vec<(usize, Vec<u8>)> = pages(false)
+            .map(|page| {
+                // SAFETY: a resident page of guest memory, readable; nothing writes it now
+                // (the vCPUs are paused and device emulation runs on this thread).
+                (page, unsafe { std::slice::from_raw_parts(page as *const u8, PAGE) }.to_vec())
+            })
+            .collect();
+        // SAFETY: advice on guest memory this VMM mapped; it only changes how it is backed.
+        unsafe {
+            libc::madvise(chunk.start as *mut libc::c_void, chunk.len(), libc::MADV_NOHUGEPAGE)
+        };
+        discard(chunk.clone())?;
+        for (page, bytes) in &kept {
+            // SAFETY: the page lies in guest memory, mapped and writable; it reads zeros since
+            // the discard, and gets back exactly the bytes it held before.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *page as *mut u8, PAGE) };
+        }
+        freed += (zeros * PAGE) as u64;
+    }
+    Ok(freed)
+}
+
 /// Whether the resident page of guest memory at `page` holds only zeros.
 fn holds_only_zeros(page: usize) -> bool {
     // SAFETY: `page` is a resident, page-aligned page of an anonymous mapping of guest memory,
@@ -201,10 +263,11 @@ fn holds_only_zeros(page: usize) -> bool {
     words.iter().all(|&word| word == 0)
 }
 
-/// Give `range` (anonymous guest memory holding only zeros) back to the host.
+/// Give `range` (anonymous guest memory) back to the host: it reads zeros afterwards.
 fn discard(range: Range<usize>) -> io::Result<u64> {
     // SAFETY: `range` lies in an anonymous private mapping of guest memory; after
-    // MADV_DONTNEED it reads zeros, which it held, so nothing that reads it sees a change.
+    // MADV_DONTNEED it reads zeros, which the callers have checked it held, or write back
+    // what it held.
     if unsafe { libc::madvise(range.start as *mut libc::c_void, range.len(), libc::MADV_DONTNEED) }
         != 0
     {
@@ -244,7 +307,6 @@ mod tests {
         mem.write_obj(7u64, GuestAddress(0x2000)).unwrap();
         mem.write_slice(&[0; 2 * PAGE], GuestAddress(0x3000)).unwrap();
         mem.write_obj(1u8, GuestAddress(0x5fff)).unwrap();
-        mem.write_obj(0u64, GuestAddress(5 << 20)).unwrap();
         assert!(resident(&mem, 0x1000) && resident(&mem, 0x3000));
 
         assert_eq!(reclaim(&mem, 4 << 20), 3 * PAGE as u64, "0x1000, 0x3000 and 0x4000");
@@ -255,8 +317,42 @@ mod tests {
         assert!(resident(&mem, 0x2000) && resident(&mem, 0x5000), "not zeros: kept");
         assert_eq!(mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 7);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x5fff)).unwrap(), 1);
-        assert!(resident(&mem, 5 << 20), "above the small pages: not scanned");
         assert!(!resident(&mem, 0x8000), "a page never touched is not made resident");
+    }
+
+    /// Write every page of the huge page at `chunk`: `values` pages with their index + 1, the
+    /// rest zeros.
+    fn fill_huge_page(mem: &GuestMemoryMmap, chunk: u64, values: u64) {
+        for index in 0..(HUGE_PAGE / PAGE) as u64 {
+            let value = if index < values { index + 1 } else { 0 };
+            mem.write_obj(value, GuestAddress(chunk + index * PAGE as u64)).unwrap();
+        }
+    }
+
+    #[test]
+    fn huge_pages_of_a_quarter_zeros_or_more_are_rebuilt_from_their_other_pages() {
+        let huge = HUGE_PAGE as u64;
+        let mem = create_guest_memory_with_small_pages_below(
+            &[(GuestAddress(0), 8 << 20)],
+            huge as usize,
+        )
+        .unwrap();
+        let per_huge_page = (HUGE_PAGE / PAGE) as u64;
+        let zeros = SPARSE_HUGE_PAGE_ZEROS as u64;
+        fill_huge_page(&mem, huge, per_huge_page - zeros);
+        fill_huge_page(&mem, 2 * huge, per_huge_page - zeros + 1);
+
+        assert_eq!(reclaim(&mem, huge), zeros * PAGE as u64, "the first one, sparse enough");
+        for index in 0..per_huge_page {
+            let (sparse, dense) = (huge + index * PAGE as u64, 2 * huge + index * PAGE as u64);
+            let value = if index < per_huge_page - zeros { index + 1 } else { 0 };
+            assert_eq!(resident(&mem, sparse), value != 0, "page {index} of the sparse one");
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(sparse)).unwrap(), value);
+            assert!(resident(&mem, dense), "page {index} of the one not sparse enough");
+            let value = if index < per_huge_page - zeros + 1 { index + 1 } else { 0 };
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(dense)).unwrap(), value);
+        }
+        assert!(!resident(&mem, 3 * huge), "untouched");
     }
 
     #[test]
