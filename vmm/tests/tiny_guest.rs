@@ -163,7 +163,9 @@ fn stop_event_ends_a_running_guest() {
 }
 
 /// A guest that wrote zeros over 1 MiB gets those pages taken back when the host asks, while
-/// it runs; the page it wrote a value to stays, and it keeps reading the value there.
+/// it runs; the page it wrote a value to stays, and it keeps reading the value there. Two
+/// vCPUs: the reclaim pauses the one spinning in the guest and the one KVM holds waiting for
+/// its startup IPI.
 #[test]
 fn zero_pages_go_back_to_the_host_while_the_guest_runs_on() {
     require_kvm();
@@ -182,6 +184,7 @@ fn zero_pages_go_back_to_the_host_while_the_guest_runs_on() {
     a.jmp_back(check).bind(changed).print(b"value lost\n").i8042_reset();
     let mut cfg = config(&dir, a.code());
     cfg.small_boot_pages = true;
+    cfg.vcpus = 2;
     let vm = MicroVm::new(&cfg).unwrap();
     let reclaim = vm.zero_page_reclaim().unwrap();
     let stop = vm.stop_event().unwrap();
