@@ -207,26 +207,27 @@ fn drop_zero_pages(range: Range<usize>) -> io::Result<u64> {
 }
 
 /// Rebuild from small pages the huge pages of `range` (within one anonymous mapping of guest
-/// memory with huge pages) that are at least [`SPARSE_HUGE_PAGE_ZEROS`] zeros; returns how
-/// many bytes that gave back.
+/// memory with huge pages) that are at least [`SPARSE_HUGE_PAGE_ZEROS`] zeros, and drop the
+/// zero pages of what is not a whole resident huge page; returns how many bytes that gave
+/// back.
 fn rebuild_sparse_huge_pages(range: Range<usize>) -> io::Result<u64> {
     let mut freed = 0;
     let mut start = range.start;
     while start < range.end {
         let chunk = start..(start / HUGE_PAGE * HUGE_PAGE + HUGE_PAGE).min(range.end);
         start = chunk.end;
-        if chunk.len() < HUGE_PAGE {
-            // Not a whole huge page of the mapping: small pages.
+        let resident = resident_pages(&chunk)?;
+        if chunk.len() < HUGE_PAGE || resident.contains(&false) {
+            // Not a whole huge page of the mapping, or not all of it resident: small pages
+            // (a huge page is resident whole). Some may be in swap: only the resident ones
+            // may go.
             freed += drop_zero_pages(chunk)?;
             continue;
         }
-        let resident = resident_pages(&chunk)?;
         let pages = |wanted_zero: bool| {
-            let chunk = &chunk;
-            resident.iter().enumerate().filter_map(move |(index, &resident)| {
-                let page = chunk.start + index * PAGE;
-                (resident && holds_only_zeros(page) == wanted_zero).then_some(page)
-            })
+            (chunk.start..chunk.end)
+                .step_by(PAGE)
+                .filter(move |&page| holds_only_zeros(page) == wanted_zero)
         };
         let zeros = pages(true).count();
         if zeros < SPARSE_HUGE_PAGE_ZEROS {
@@ -353,6 +354,29 @@ mod tests {
             assert_eq!(mem.read_obj::<u64>(GuestAddress(dense)).unwrap(), value);
         }
         assert!(!resident(&mem, 3 * huge), "untouched");
+    }
+
+    #[test]
+    fn in_a_range_only_partly_resident_only_the_resident_zero_pages_go() {
+        let huge = HUGE_PAGE as u64;
+        let mem = create_guest_memory_with_small_pages_below(
+            &[(GuestAddress(0), 4 << 20)],
+            huge as usize,
+        )
+        .unwrap();
+        let host = mem.get_host_address(GuestAddress(huge)).unwrap();
+        // SAFETY: advice on guest memory: small pages, so that a write touches one page only.
+        assert_eq!(unsafe { libc::madvise(host.cast(), HUGE_PAGE, libc::MADV_NOHUGEPAGE) }, 0);
+        for index in 0..20u64 {
+            let value = if index < 5 { index + 1 } else { 0 };
+            mem.write_obj(value, GuestAddress(huge + index * PAGE as u64)).unwrap();
+        }
+
+        assert_eq!(reclaim(&mem, huge), 15 * PAGE as u64, "fewer than a quarter, but small pages");
+        for index in 0..20u64 {
+            assert_eq!(resident(&mem, huge + index * PAGE as u64), index < 5, "page {index}");
+        }
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(huge + 4 * PAGE as u64)).unwrap(), 5);
     }
 
     #[test]
