@@ -280,7 +280,7 @@ fn discard(range: Range<usize>) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{create_guest_memory_with_small_pages_below, map_file_private};
+    use crate::memory::{create_guest_memory_with_small_pages_below, map_file_private, GuestRam};
     use std::io::Write;
     use vm_memory::Bytes;
 
@@ -293,6 +293,11 @@ mod tests {
         flags & 1 != 0
     }
 
+    /// `size` bytes of guest memory from address 0, small pages below `small_below`.
+    fn guest_memory(size: usize, small_below: usize) -> GuestRam {
+        create_guest_memory_with_small_pages_below(&[(GuestAddress(0), size)], small_below).unwrap()
+    }
+
     fn reclaim(mem: &GuestMemoryMmap, below: u64) -> u64 {
         let gate = PauseGate::default();
         let paused = gate.pause(&[], PAUSE_TIMEOUT).expect("no vCPU to wait for");
@@ -301,9 +306,7 @@ mod tests {
 
     #[test]
     fn resident_pages_of_zeros_go_and_the_others_stay() {
-        let mem =
-            create_guest_memory_with_small_pages_below(&[(GuestAddress(0), 8 << 20)], 4 << 20)
-                .unwrap();
+        let mem = guest_memory(8 << 20, 4 << 20);
         mem.write_obj(0u64, GuestAddress(0x1000)).unwrap();
         mem.write_obj(7u64, GuestAddress(0x2000)).unwrap();
         mem.write_slice(&[0; 2 * PAGE], GuestAddress(0x3000)).unwrap();
@@ -333,11 +336,7 @@ mod tests {
     #[test]
     fn huge_pages_of_a_quarter_zeros_or_more_are_rebuilt_from_their_other_pages() {
         let huge = HUGE_PAGE as u64;
-        let mem = create_guest_memory_with_small_pages_below(
-            &[(GuestAddress(0), 8 << 20)],
-            huge as usize,
-        )
-        .unwrap();
+        let mem = guest_memory(8 << 20, huge as usize);
         let per_huge_page = (HUGE_PAGE / PAGE) as u64;
         let zeros = SPARSE_HUGE_PAGE_ZEROS as u64;
         fill_huge_page(&mem, huge, per_huge_page - zeros);
@@ -359,11 +358,7 @@ mod tests {
     #[test]
     fn in_a_range_only_partly_resident_only_the_resident_zero_pages_go() {
         let huge = HUGE_PAGE as u64;
-        let mem = create_guest_memory_with_small_pages_below(
-            &[(GuestAddress(0), 4 << 20)],
-            huge as usize,
-        )
-        .unwrap();
+        let mem = guest_memory(4 << 20, huge as usize);
         let host = mem.get_host_address(GuestAddress(huge)).unwrap();
         // SAFETY: advice on guest memory: small pages, so that a write touches one page only.
         assert_eq!(unsafe { libc::madvise(host.cast(), HUGE_PAGE, libc::MADV_NOHUGEPAGE) }, 0);
@@ -383,9 +378,7 @@ mod tests {
     fn a_guests_copy_of_a_file_page_is_kept_even_when_zero() {
         let mut file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
         file.write_all(&[0xaa; 2 * PAGE]).unwrap();
-        let mem =
-            create_guest_memory_with_small_pages_below(&[(GuestAddress(0), 4 << 20)], 4 << 20)
-                .unwrap();
+        let mem = guest_memory(4 << 20, 4 << 20);
         map_file_private(&mem, GuestAddress(1 << 20), 2 * PAGE, &file, 0).unwrap();
         mem.write_slice(&[0; PAGE], GuestAddress(1 << 20)).unwrap();
 
