@@ -298,11 +298,51 @@ fn open_tap(path: &Path, name: &str) -> File {
             *dst = src as libc::c_char;
         }
         ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes the valid `ifreq` it is given; the fd is open.
-        let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut ifr) };
-        assert_eq!(ret, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+        until_not_busy(|| {
+            // SAFETY: TUNSETIFF reads and writes the valid `ifreq` it is given; the fd is open.
+            let ret = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut ifr) };
+            match ret {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        })
+        .unwrap_or_else(|e| panic!("TUNSETIFF {name}: {e}"));
         tun
     })
+}
+
+/// `attach()` until it does not fail with the tap busy, for up to 5 s. The other tests of
+/// this process start programs all the time, and a child holds a copy of every descriptor
+/// until it execs: for that moment the tap that `setup` just made and closed may still be
+/// attached to its descriptor there.
+fn until_not_busy<T, E: std::error::Error + 'static>(
+    mut attach: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match attach() {
+            Err(e) if Instant::now() < deadline && is_busy(&e) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether `error` (or one of its sources) is EBUSY or the VMM's busy tap.
+fn is_busy(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        let io_busy = e.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error());
+        let tap_busy = e.downcast_ref::<vmm::devices::virtio::net::TapError>();
+        if io_busy == Some(libc::EBUSY)
+            || matches!(tap_busy, Some(vmm::devices::virtio::net::TapError::Busy { .. }))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// The next frame from `tap` that `wanted` accepts, within `deadline`.
@@ -440,7 +480,7 @@ fn the_vmm_attaches_to_the_tap() {
     let config = network.net_configs().remove(0);
     let net = in_netns(&ns.path(), move || {
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        Net::new(config, interrupt).unwrap()
+        until_not_busy(|| Net::new(config.clone(), interrupt.clone())).unwrap()
     });
     assert_eq!(net.mac(), network.guest.interfaces[0].mac);
     let tap = ns.ip(&["link", "show", "tap0_husk"]);
