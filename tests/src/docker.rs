@@ -39,6 +39,8 @@ pub const DEBIAN_IMAGE: &str = "husk-e2e/debian";
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long dockerd may take to shut down.
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long [`Dockerd::diagnostics`] may take.
+const DIAGNOSTICS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The runtime a case's containers run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,29 +318,62 @@ impl Dockerd {
         }
     }
 
-    /// What this daemon is doing now, for a case that takes far too long: its processes (docker
-    /// clients, shims, husk and its VM processes) with each thread's kernel wait channel, and the
-    /// last lines of the husk logs and guest consoles of the containers it runs.
+    /// What this daemon is doing now, for a case that takes far too long: the last lines of the
+    /// husk logs and guest consoles of the containers it runs, and its processes (docker
+    /// clients, shims, husk and its VM processes) with each thread's kernel wait channel.
+    /// Gathered on a thread of its own, for at most [`DIAGNOSTICS_TIMEOUT`]: reading a
+    /// process's command line waits for its memory map, which a process stuck in the kernel
+    /// may hold for ever; then what was gathered comes back, with the process it stuck on.
     pub fn diagnostics(&self) -> String {
         let needle = self.dir.path().to_str().unwrap().to_string();
-        let mut out =
-            String::from("--- processes of this dockerd (pid: args; threads: name@wchan):\n");
-        for process in processes_mentioning(&needle) {
-            let pid = process.split(':').next().unwrap_or_default();
-            out.push_str(&process);
-            out.push_str("\n    threads:");
-            for task in entries(&Path::new("/proc").join(pid).join("task")) {
-                let dir = Path::new("/proc").join(pid).join("task").join(&task);
-                let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
-                out.push_str(&format!(" {}@{}", read("comm").trim(), read("wchan").trim()));
+        let exec_root = self.exec_root();
+        let (pieces, gathered) = std::sync::mpsc::channel();
+        let reading = std::sync::Arc::new(std::sync::Mutex::new(PathBuf::new()));
+        let now_reading = reading.clone();
+        // Detached: a read stuck for ever must not keep the suite from going on.
+        std::thread::spawn(move || {
+            let mut files = Vec::new();
+            files_named(&exec_root, &["log.json", "console.log"], &mut files);
+            for file in files {
+                let _ =
+                    pieces.send(format!("--- {}:\n{}\n", file.display(), last_lines(&file, 30)));
             }
-            out.push('\n');
+            let _ = pieces
+                .send("--- processes of this dockerd (pid: args; threads: name@wchan):\n".into());
+            for pid in entries(Path::new("/proc")) {
+                let dir = Path::new("/proc").join(&pid);
+                *now_reading.lock().unwrap() = dir.clone();
+                let Ok(cmdline) = fs::read(dir.join("cmdline")) else { continue };
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if !cmdline.contains(&needle) {
+                    continue;
+                }
+                let mut process = format!("{pid}: {cmdline}\n    threads:");
+                for task in entries(&dir.join("task")) {
+                    let read = |name: &str| {
+                        fs::read_to_string(dir.join("task").join(&task).join(name))
+                            .unwrap_or_default()
+                    };
+                    process.push_str(&format!(" {}@{}", read("comm").trim(), read("wchan").trim()));
+                }
+                let _ = pieces.send(process + "\n");
+            }
+        });
+        let deadline = Instant::now() + DIAGNOSTICS_TIMEOUT;
+        let mut out = String::new();
+        loop {
+            match gathered.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(piece) => out.push_str(&piece),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return out,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+            }
         }
-        let mut files = Vec::new();
-        files_named(&self.exec_root(), &["log.json", "console.log"], &mut files);
-        for file in files {
-            out.push_str(&format!("--- {}:\n{}\n", file.display(), last_lines(&file, 30)));
-        }
+        let stuck = reading.lock().unwrap().clone();
+        let stat = fs::read_to_string(stuck.join("stat")).unwrap_or_default();
+        out.push_str(&format!(
+            "--- still reading {}/cmdline after {DIAGNOSTICS_TIMEOUT:?}; its stat: {stat}\n",
+            stuck.display()
+        ));
         out
     }
 
