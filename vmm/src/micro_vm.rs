@@ -274,15 +274,13 @@ impl MicroVm {
         event_manager.add_subscriber(exit_monitor.clone());
         let pause_gate = Arc::new(PauseGate::default());
         let vcpu_threads = VcpuThreads::default();
-        let zero_pages = Arc::new(Mutex::new(
-            ZeroPageReclaimer::new(
-                mem.deref().clone(),
-                small_below as u64,
-                pause_gate.clone(),
-                vcpu_threads.clone(),
-            )
-            .map_err(|e| VmmError::EventLoop(format!("cannot create an eventfd: {e}")))?,
-        ));
+        let zero_pages = Arc::new(Mutex::new(ZeroPageReclaimer::new(
+            eventfd()?,
+            mem.deref().clone(),
+            small_below as u64,
+            pause_gate.clone(),
+            vcpu_threads.clone(),
+        )));
         event_manager.add_subscriber(zero_pages.clone());
         log::debug!("micro-VM built in {:?}", start.elapsed());
         Ok(MicroVm {
@@ -309,8 +307,7 @@ impl MicroVm {
     }
 
     /// The handle that asks this VM to give its guest's zero pages back to the host (see
-    /// [`crate::zero_pages`]); only the small boot pages are scanned, so it finds nothing in
-    /// a VM without them.
+    /// [`crate::zero_pages`]).
     pub fn zero_page_reclaim(&self) -> std::io::Result<ZeroPageReclaim> {
         self.zero_pages.lock().unwrap_or_else(|e| e.into_inner()).handle()
     }

@@ -73,15 +73,16 @@ pub(crate) struct ZeroPageReclaimer {
 
 impl ZeroPageReclaimer {
     /// A reclaimer of `mem`'s zero pages, small pages below guest address `small_below`,
-    /// pausing `vcpus` at `gate` while it works.
+    /// asked through `trigger` (a non-blocking eventfd), pausing `vcpus` at `gate` while it
+    /// works.
     pub(crate) fn new(
+        trigger: EventFd,
         mem: GuestMemoryMmap,
         small_below: u64,
         gate: Arc<PauseGate>,
         vcpus: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    ) -> io::Result<Self> {
-        let trigger = EventFd::new(libc::EFD_NONBLOCK)?;
-        Ok(ZeroPageReclaimer { trigger, reclaimed: Arc::default(), mem, small_below, gate, vcpus })
+    ) -> Self {
+        ZeroPageReclaimer { trigger, reclaimed: Arc::default(), mem, small_below, gate, vcpus }
     }
 
     /// The handle the host asks through.
@@ -150,7 +151,9 @@ pub(crate) fn reclaim_zero_pages(
                 continue;
             }
             if range.start < split {
-                freed += drop_zero_pages(range.start..range.end.min(split))?;
+                let small = range.start..range.end.min(split);
+                let resident = resident_pages(&small)?;
+                freed += drop_zero_pages(small, &resident)?;
             }
             if range.end > split {
                 freed += rebuild_sparse_huge_pages(range.start.max(split)..range.end)?;
@@ -185,12 +188,13 @@ fn resident_pages(range: &Range<usize>) -> io::Result<Vec<bool>> {
     Ok(flags.iter().map(|f| f & 1 != 0).collect())
 }
 
-/// Drop the resident pages of `range` (page-aligned, within one anonymous mapping of guest
-/// memory with small pages) that hold only zeros; returns how many bytes.
-fn drop_zero_pages(range: Range<usize>) -> io::Result<u64> {
+/// Drop the pages of `range` (page-aligned, within one anonymous mapping of guest memory with
+/// small pages) that are `resident` (one flag per page) and hold only zeros; returns how many
+/// bytes.
+fn drop_zero_pages(range: Range<usize>, resident: &[bool]) -> io::Result<u64> {
     let mut freed = 0;
     let mut run: Option<usize> = None;
-    for (index, resident) in resident_pages(&range)?.into_iter().enumerate() {
+    for (index, &resident) in resident.iter().enumerate() {
         let page = range.start + index * PAGE;
         if resident && holds_only_zeros(page) {
             run.get_or_insert(page);
@@ -221,19 +225,16 @@ fn rebuild_sparse_huge_pages(range: Range<usize>) -> io::Result<u64> {
             // Not a whole huge page of the mapping, or not all of it resident: small pages
             // (a huge page is resident whole). Some may be in swap: only the resident ones
             // may go.
-            freed += drop_zero_pages(chunk)?;
+            freed += drop_zero_pages(chunk, &resident)?;
             continue;
         }
-        let pages = |wanted_zero: bool| {
-            (chunk.start..chunk.end)
-                .step_by(PAGE)
-                .filter(move |&page| holds_only_zeros(page) == wanted_zero)
-        };
-        let zeros = pages(true).count();
-        if zeros < SPARSE_HUGE_PAGE_ZEROS {
+        let (zeros, kept): (Vec<usize>, Vec<usize>) =
+            (chunk.start..chunk.end).step_by(PAGE).partition(|&page| holds_only_zeros(page));
+        if zeros.len() < SPARSE_HUGE_PAGE_ZEROS {
             continue;
         }
-        let kept: Vec<(usize, Vec<u8>)> = pages(false)
+        let kept: Vec<(usize, Vec<u8>)> = kept
+            .into_iter()
             .map(|page| {
                 // SAFETY: a resident page of guest memory, readable; nothing writes it now
                 // (the vCPUs are paused and device emulation runs on this thread).
@@ -250,7 +251,7 @@ fn rebuild_sparse_huge_pages(range: Range<usize>) -> io::Result<u64> {
             // the discard, and gets back exactly the bytes it held before.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), *page as *mut u8, PAGE) };
         }
-        freed += (zeros * PAGE) as u64;
+        freed += (zeros.len() * PAGE) as u64;
     }
     Ok(freed)
 }
