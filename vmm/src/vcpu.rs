@@ -201,14 +201,15 @@ impl Vcpu {
 /// guest must not touch meanwhile (see [`PauseGate::pause`]).
 #[derive(Default)]
 pub struct PauseGate {
+    /// A pause is asked for: read without the lock by every vCPU after every exit, changed
+    /// only with `state` locked, so that a vCPU waiting on `changed` cannot miss the change.
+    requested: AtomicBool,
     state: Mutex<GateState>,
     changed: Condvar,
 }
 
 #[derive(Default)]
 struct GateState {
-    /// A pause is asked for.
-    requested: bool,
     /// vCPU threads whose run loop has not ended.
     running: usize,
     /// vCPU threads waiting at the gate.
@@ -223,7 +224,8 @@ pub struct Paused<'a> {
 
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
-        self.gate.lock().requested = false;
+        let _state = self.gate.lock();
+        self.gate.requested.store(false, Ordering::SeqCst);
         self.gate.changed.notify_all();
     }
 }
@@ -245,14 +247,15 @@ impl PauseGate {
     }
 
     /// Called by a vCPU thread between two `KVM_RUN`s: wait as long as a pause is asked for.
+    /// Without one (nearly always) it takes no lock.
     fn wait_while_paused(&self) {
-        let mut state = self.lock();
-        if !state.requested {
+        if !self.requested.load(Ordering::SeqCst) {
             return;
         }
+        let mut state = self.lock();
         state.waiting += 1;
         self.changed.notify_all();
-        while state.requested {
+        while self.requested.load(Ordering::SeqCst) {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.waiting -= 1;
@@ -264,7 +267,7 @@ impl PauseGate {
     pub fn pause(&self, threads: &[JoinHandle<()>], timeout: Duration) -> Option<Paused<'_>> {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
-        state.requested = true;
+        self.requested.store(true, Ordering::SeqCst);
         let paused = Paused { gate: self };
         while state.waiting < state.running {
             if Instant::now() >= deadline {
