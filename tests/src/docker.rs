@@ -323,13 +323,12 @@ impl Dockerd {
     /// clients, shims, husk and its VM processes) with each thread's kernel wait channel.
     /// Gathered on a thread of its own, for at most [`DIAGNOSTICS_TIMEOUT`]: reading a
     /// process's command line waits for its memory map, which a process stuck in the kernel
-    /// may hold for ever; then what was gathered comes back, with the process it stuck on.
+    /// may hold for ever; then what was gathered comes back, with the processes in
+    /// uninterruptible sleep.
     pub fn diagnostics(&self) -> String {
         let needle = self.dir.path().to_str().unwrap().to_string();
         let exec_root = self.exec_root();
         let (pieces, gathered) = std::sync::mpsc::channel();
-        let reading = std::sync::Arc::new(std::sync::Mutex::new(PathBuf::new()));
-        let now_reading = reading.clone();
         // Detached: a read stuck for ever must not keep the suite from going on.
         std::thread::spawn(move || {
             let mut files = Vec::new();
@@ -338,26 +337,20 @@ impl Dockerd {
                 let _ =
                     pieces.send(format!("--- {}:\n{}\n", file.display(), last_lines(&file, 30)));
             }
-            let _ = pieces
-                .send("--- processes of this dockerd (pid: args; threads: name@wchan):\n".into());
-            for pid in entries(Path::new("/proc")) {
-                let dir = Path::new("/proc").join(&pid);
-                *now_reading.lock().unwrap() = dir.clone();
-                let Ok(cmdline) = fs::read(dir.join("cmdline")) else { continue };
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if !cmdline.contains(&needle) {
-                    continue;
+            let mut out =
+                String::from("--- processes of this dockerd (pid: args; threads: name@wchan):\n");
+            for process in processes_mentioning(&needle) {
+                let pid = process.split(':').next().unwrap_or_default();
+                out.push_str(&process);
+                out.push_str("\n    threads:");
+                for task in entries(&Path::new("/proc").join(pid).join("task")) {
+                    let dir = Path::new("/proc").join(pid).join("task").join(&task);
+                    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+                    out.push_str(&format!(" {}@{}", read("comm").trim(), read("wchan").trim()));
                 }
-                let mut process = format!("{pid}: {cmdline}\n    threads:");
-                for task in entries(&dir.join("task")) {
-                    let read = |name: &str| {
-                        fs::read_to_string(dir.join("task").join(&task).join(name))
-                            .unwrap_or_default()
-                    };
-                    process.push_str(&format!(" {}@{}", read("comm").trim(), read("wchan").trim()));
-                }
-                let _ = pieces.send(process + "\n");
+                out.push('\n');
             }
+            let _ = pieces.send(out);
         });
         let deadline = Instant::now() + DIAGNOSTICS_TIMEOUT;
         let mut out = String::new();
@@ -368,12 +361,18 @@ impl Dockerd {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
             }
         }
-        let stuck = reading.lock().unwrap().clone();
-        let stat = fs::read_to_string(stuck.join("stat")).unwrap_or_default();
+        // A process's stat takes no lock of its memory map.
         out.push_str(&format!(
-            "--- still reading {}/cmdline after {DIAGNOSTICS_TIMEOUT:?}; its stat: {stat}\n",
-            stuck.display()
+            "--- the processes did not come within {DIAGNOSTICS_TIMEOUT:?}; in uninterruptible \
+             sleep (/proc/PID/stat):\n"
         ));
+        for pid in entries(Path::new("/proc")) {
+            let stat = fs::read_to_string(Path::new("/proc").join(&pid).join("stat"));
+            let stat = stat.unwrap_or_default();
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('D')) {
+                out.push_str(&stat);
+            }
+        }
         out
     }
 
