@@ -77,8 +77,14 @@ def husk_cmd(a, cmdline):
 QEMU_REBOOT = "reboot=t"
 
 
+# qboot loads -kernel itself; microvm's default firmware since QEMU 8 is SeaBIOS, which without
+# option ROMs finds no kernel and waits for a boot disk.
+QBOOT = "/usr/share/qemu/qboot.rom"
+
+
 def qemu_cmd(a, cmdline):
-    return [a.qemu, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on", "-enable-kvm",
+    return [a.qemu, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on", "-bios", QBOOT,
+            "-enable-kvm",
             "-cpu", "host", "-m", str(a.mem_mib), "-smp", "1", "-nodefaults", "-no-user-config",
             "-nographic", "-serial", "stdio", "-no-reboot", "-kernel", a.kernel, "-initrd",
             a.initrd, "-append", f"{HUSK_BASE_CMDLINE} {cmdline} {QEMU_REBOOT}"]
