@@ -41,7 +41,16 @@ fn main() {
     threads::limit_default_stack();
     let cli = Cli::parse();
     let global = &cli.global;
-    let level = if global.debug { log::LevelFilter::Debug } else { log::LevelFilter::Warn };
+    // `vm run` reads no settings: its level is set here, and for the container commands again
+    // once the config file has been read.
+    let level = match settings::env_log_level() {
+        _ if global.debug => log::LevelFilter::Debug,
+        Ok(level) => level.unwrap_or(log::LevelFilter::Warn),
+        Err(e) => {
+            eprintln!("husk: {e}");
+            std::process::exit(1);
+        }
+    };
     if let Err(e) = logging::init(global.log.as_deref(), global.log_format, level) {
         eprintln!("husk: cannot open the log file: {e}");
         std::process::exit(1);

@@ -1,6 +1,6 @@
 //! husk's own settings: the guest kernel and initramfs, the default guest size, the log level,
 //! where rootfs images are cached. Each comes from, in order of precedence: a global flag, the
-//! environment (`HUSK_KERNEL`, `HUSK_INITRD`, ...), the config file (`HUSK_CONFIG` or
+//! environment (`HUSK_KERNEL`, `HUSK_INITRD`, `HUSK_LOG`, ...), the config file (`HUSK_CONFIG` or
 //! `/etc/husk/config.toml`), and last the assets `make install` put next to the binary
 //! (`<prefix>/bin/husk` finds `<prefix>/share/husk/`).
 
@@ -63,7 +63,9 @@ pub enum SettingsError {
     Read { path: String, source: std::io::Error },
     #[error("the config file {path} is not valid: {message}")]
     Parse { path: String, message: String },
-    #[error("invalid log_level {0:?} (expected error, warn, info or debug)")]
+    #[error(
+        "invalid log level {0:?} (log_level or HUSK_LOG: expected error, warn, info or debug)"
+    )]
     LogLevel(String),
     #[error(
         "no guest {what}: none at {default} (installed by `make install`); set {env}, \
@@ -126,9 +128,10 @@ impl Settings {
             "initramfs",
             "initrd",
         )?;
-        let log_level = match file.log_level.as_deref() {
-            None => log::LevelFilter::Warn,
-            Some(level) => parse_level(level)?,
+        let log_level = match (env_log_level()?, file.log_level.as_deref()) {
+            (Some(level), _) => level,
+            (None, Some(level)) => parse_level(level)?,
+            (None, None) => log::LevelFilter::Warn,
         };
         let kernel_cmdline =
             std::env::var("HUSK_KERNEL_CMDLINE").ok().or(file.kernel_cmdline).unwrap_or_default();
@@ -144,6 +147,14 @@ impl Settings {
                 .unwrap_or_else(|| "/var/lib/husk/images".into()),
             boot_timeout: std::time::Duration::from_secs(file.boot_timeout_secs.unwrap_or(120)),
         })
+    }
+}
+
+/// The log level `HUSK_LOG` names, if it is set (and not empty).
+pub fn env_log_level() -> Result<Option<log::LevelFilter>, SettingsError> {
+    match std::env::var("HUSK_LOG") {
+        Ok(level) if !level.is_empty() => parse_level(&level).map(Some),
+        _ => Ok(None),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::process::{Command, Output, Stdio};
 
 use husk_tests::tiny_guest::{elf_image, Asm, TempDir, COM1};
+use vmm::arch::layout::BOOT_TIMER_START;
 
 fn husk() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_husk"));
@@ -48,6 +49,29 @@ fn kernel_and_initrd_come_from_the_environment() {
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "hello from the guest\n");
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn husk_log_sets_the_log_level() {
+    let dir = TempDir::new("cli-log");
+    let mut a = Asm::new();
+    a.mov_rbx(BOOT_TIMER_START).mov_at_rbx_byte(123).i8042_reset();
+    let kernel = dir.write("k.elf", &elf_image(a.code()));
+    let vm_run = || {
+        let mut cmd = husk();
+        cmd.args(["vm", "run", "--mem-mib", "32", "--kernel"]).arg(&kernel);
+        cmd
+    };
+    let timer = "boot-timer: guest userspace after";
+    let out = run(vm_run().env_remove("HUSK_LOG"));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(!stderr(&out).contains(timer), "warn by default; stderr: {}", stderr(&out));
+    let out = run(vm_run().env("HUSK_LOG", "info"));
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains(timer), "stderr: {}", stderr(&out));
+    let out = run(vm_run().env("HUSK_LOG", "loud"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid log level \"loud\""), "stderr: {}", stderr(&out));
 }
 
 #[test]
