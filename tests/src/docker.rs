@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::agent_vm::guest_image;
 use crate::guest::{guest_kernel, husk_binary, require_real_kvm, NESTED_TIMING};
+use crate::procfs::{processes, processes_mentioning};
 use crate::rootfs::busybox_rootfs;
-use crate::runtime::processes_mentioning;
 use crate::tiny_guest::TempDir;
 
 /// The Docker client of Debian's docker.io (another `docker` on PATH may be a different one).
@@ -366,12 +366,8 @@ impl Dockerd {
             "--- the processes did not come within {DIAGNOSTICS_TIMEOUT:?}; in uninterruptible \
              sleep (/proc/PID/stat):\n"
         ));
-        for pid in entries(Path::new("/proc")) {
-            let stat = fs::read_to_string(Path::new("/proc").join(&pid).join("stat"));
-            let stat = stat.unwrap_or_default();
-            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('D')) {
-                out.push_str(&stat);
-            }
+        for process in processes().into_iter().filter(|p| p.state == 'D') {
+            out.push_str(&process.line);
         }
         out
     }
@@ -379,18 +375,11 @@ impl Dockerd {
     /// Kill the Docker clients this process runs (SIGKILL), so that a case waiting on one that
     /// hangs goes on and fails.
     pub fn kill_clients(&self) {
-        let me = std::process::id().to_string();
-        for pid in entries(Path::new("/proc")) {
-            let stat = fs::read_to_string(Path::new("/proc").join(&pid).join("stat"));
-            let Some((comm, rest)) = stat.as_deref().ok().and_then(|s| s.rsplit_once(") ")) else {
-                continue;
-            };
-            let parent = rest.split_whitespace().nth(1);
-            if comm.ends_with("(docker") && parent == Some(me.as_str()) {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill(2) of a child of this process, which it has not reaped yet.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+        let me = std::process::id() as i32;
+        for process in processes() {
+            if process.comm == "docker" && process.ppid == me {
+                // SAFETY: kill(2) of a child of this process, which it has not reaped yet.
+                unsafe { libc::kill(process.pid, libc::SIGKILL) };
             }
         }
     }

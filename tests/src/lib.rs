@@ -8,6 +8,7 @@ pub mod cpio;
 pub mod docker;
 pub mod guest;
 pub mod oci;
+pub mod procfs;
 pub mod pty;
 pub mod rootfs;
 pub mod runtime;

@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::agent_vm::guest_image;
 use crate::guest::{guest_kernel, husk_binary, require_real_kvm, NESTED_TIMING};
 use crate::oci::{process, spec};
+use crate::procfs::processes_mentioning;
 use crate::rootfs::busybox_rootfs;
 use crate::tiny_guest::TempDir;
 
@@ -199,22 +200,6 @@ impl Husk {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-/// Processes (other than zombies) whose command line mentions `needle`.
-pub fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = vec![];
-    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
-        let path = entry.path();
-        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else { continue };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-        let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
-        if cmdline.contains(needle) && !zombie {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-        }
-    }
-    found
 }
 
 /// Wait for a child of this (subreaper) process to exit; its exit code, 128 + signal when a
