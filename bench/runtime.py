@@ -3,7 +3,10 @@
 run on the same busybox bundle.
 
   - run `true`: wall time of `<runtime> run` of a container running `true`, create to exit and
-    delete, interleaved round by round (median, and husk's ratio to each peer);
+    delete, interleaved round by round (median, and husk's ratio to each peer); and the CPU time
+    of all the processes of that run and its delete, split into the time vCPU threads spent in
+    the guest (KVM's guest time) and the rest, the host side, which runs at the host's speed
+    wherever the guest runs;
   - idle memory: the PSS summed over every host process of an idle container (`sleep`), after
     it has settled (husk: its VM process, which holds the guest's memory; runc: the container's
     process; runsc: the sandbox, gofer and their children): one container alone, and each of
@@ -16,8 +19,10 @@ Prints a Markdown report on stdout; raw numbers as JSON with --json FILE.
 """
 import argparse
 import concurrent.futures
+import ctypes
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -93,14 +98,49 @@ def run_detached(rt, *args):
     return p
 
 
+def children_cpu_s():
+    """(user + system, guest) CPU seconds of this process's reaped descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open("/proc/self/stat") as f:
+        guest_ticks = int(f.read().rsplit(")", 1)[1].split()[41])  # cguest_time, field 44
+    return usage.ru_utime + usage.ru_stime, guest_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def reap_all(timeout_s=10.0):
+    """Reap every child left (the orphans this subreaper inherited), waiting for them to end."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
+    sys.exit("bench: processes of a container still run 10 s after its delete")
+
+
 def time_run_true(rt, bundle, cid):
+    """Wall seconds of `run`, and the CPU seconds (host side, guest) of it and its delete."""
+    cpu_before, guest_before = children_cpu_s()
     start = time.monotonic()
     p = rt.run("run", "--bundle", bundle, cid, check=False)
     took = time.monotonic() - start
     if p.returncode != 0:
         sys.exit(f"bench: {rt.name} run failed ({p.returncode}): {p.stderr.decode(errors='replace')}")
     rt.run("delete", "--force", cid, check=False)
-    return took
+    reap_all()
+    cpu_after, guest_after = children_cpu_s()
+    guest = guest_after - guest_before
+    # User time includes guest time.
+    return took, cpu_after - cpu_before - guest, guest
+
+
+def set_child_subreaper(on):
+    """Make orphaned descendants this process's children, so that their CPU time is counted."""
+    PR_SET_CHILD_SUBREAPER = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        sys.exit(f"bench: prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
 
 
 def pss_kib(pid):
@@ -216,12 +256,17 @@ def main():
                     os.path.join(top, "root-runsc")),
         ]
         # One warm-up each (husk builds and caches the rootfs image; page cache for all).
+        set_child_subreaper(True)
         for rt in runtimes:
             time_run_true(rt, true_bundle, "warmup")
         runs = {rt.name: [] for rt in runtimes}
+        cpu = {rt.name: [] for rt in runtimes}
         for r in range(a.rounds):
             for rt in runtimes:
-                runs[rt.name].append(time_run_true(rt, true_bundle, f"true-{r}"))
+                took, host_s, guest_s = time_run_true(rt, true_bundle, f"true-{r}")
+                runs[rt.name].append(took)
+                cpu[rt.name].append((host_s, guest_s))
+        set_child_subreaper(False)
         memory = {rt.name: idle_memory_mib(rt, sleep_bundle, 1, a.settle) for rt in runtimes}
         many = {rt.name: idle_memory_mib(rt, sleep_bundle, a.idle_count, a.settle)
                 for rt in runtimes}
@@ -231,6 +276,8 @@ def main():
 
     cores = os.cpu_count() or 1
     med = {k: statistics.median(v) * 1000 for k, v in runs.items()}
+    host_ms = {k: statistics.median(h for h, _ in v) * 1000 for k, v in cpu.items()}
+    guest_ms = {k: statistics.median(g for _, g in v) * 1000 for k, v in cpu.items()}
     print(f"### Runtime: husk vs runc vs runsc ({a.where})\n")
     print(f"{a.rounds} interleaved rounds of `run` of a busybox container "
           f"running `true` (create to exit, then delete); one warm-up each first.\n")
@@ -239,6 +286,12 @@ def main():
     print(f"| `run true`, median (ms) | {med['husk']:.0f} | {med['runc']:.0f} | "
           f"{med['runsc']:.0f} | {med['husk'] / med['runc']:.2f} | "
           f"{med['husk'] / med['runsc']:.2f} |")
+    print(f"| CPU of `run true` and delete, host side, median (ms) | {host_ms['husk']:.0f} | "
+          f"{host_ms['runc']:.0f} | {host_ms['runsc']:.0f} | "
+          f"{host_ms['husk'] / max(host_ms['runc'], 1):.2f} | "
+          f"{host_ms['husk'] / max(host_ms['runsc'], 1):.2f} |")
+    print(f"| CPU of `run true`, in the guest (KVM guest time), median (ms) | "
+          f"{guest_ms['husk']:.0f} | {guest_ms['runc']:.0f} | {guest_ms['runsc']:.0f} | | |")
     for label, m in (("idle container alone", memory),
                      (f"each of {a.idle_count} idle containers", many)):
         print(f"| {label}, host PSS (MiB) | {m['husk'][0]:.1f} | "
@@ -257,7 +310,7 @@ def main():
           f"start rate: {a.rate_count} containers with `run --detach`.")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"runs_s": runs, "idle_pss_mib": memory,
+            json.dump({"runs_s": runs, "cpu_host_guest_s": cpu, "idle_pss_mib": memory,
                        f"idle_pss_mib_each_of_{a.idle_count}": many, "rate_per_s": rates}, f)
 
 
