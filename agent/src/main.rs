@@ -151,16 +151,18 @@ fn run(
         server = server.set_accept_hook(hook);
     }
     server.start().context("starting the ttrpc server")?;
-    log::info!("serving on {listen} (stdio on {stdio_listen})");
-    match started.and_then(pid1::ms_since) {
-        Some(ms) => println!("husk-agent: ready {ms:.1} ms after /init started"),
-        None => println!("husk-agent: ready"),
-    }
+    let ready_ms = started.and_then(pid1::ms_since);
     if let Addr::Vsock(_) = listen {
-        // The host may be waiting for this rather than polling; nothing has to listen.
+        // The host may be waiting for this rather than polling; nothing has to listen. It goes
+        // first: the lines below cost a serial console a VM exit or two per byte.
         if let Err(e) = Addr::Vsock(READY_PORT).connect() {
             log::debug!("telling the host we are ready: {e}");
         }
+    }
+    log::info!("serving on {listen} (stdio on {stdio_listen})");
+    match ready_ms {
+        Some(ms) => println!("husk-agent: ready {ms:.1} ms after /init started"),
+        None => println!("husk-agent: ready"),
     }
     loop {
         std::thread::park();

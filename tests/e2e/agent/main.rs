@@ -256,7 +256,7 @@ fn agent_log_lines_reach_a_host_vsock_port() {
     assert_eq!(out, "hi\n");
     read_until(&mut log, &mut seen, "container logged removed", Duration::from_secs(60));
     assert!(seen.contains("container logged created"), "{seen:?}");
-    // The console has the same lines.
-    assert!(vm.console().contains("container logged created"), "{}", vm.console());
+    // The console has warnings and errors only: every byte there is a VM exit.
+    assert!(!vm.console().contains("container logged created"), "{}", vm.console());
     vm.shutdown();
 }
