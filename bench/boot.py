@@ -25,7 +25,7 @@ import tempfile
 import time
 
 MARKER = b"HUSK-GUEST-UP"
-HUSK_BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off"
+HUSK_BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off acpi=off"
 
 
 # How long one boot may take before the run is given up (a hung guest or VMM).
