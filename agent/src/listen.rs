@@ -226,7 +226,8 @@ mod tests {
 
     #[test]
     fn unix_listener_accepts_and_times_out() {
-        let path = std::env::temp_dir().join(format!("husk-listen-{}", std::process::id()));
+        let dir = husk_tests::tiny_guest::TempDir::new("listen");
+        let path = dir.path().join("agent.sock");
         let l = Listener::bind(&Addr::Unix(path.clone())).unwrap();
         // A stale socket file is replaced.
         drop(l);
@@ -240,7 +241,6 @@ mod tests {
         conn.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         let err = conn.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

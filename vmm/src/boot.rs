@@ -293,24 +293,24 @@ pub fn write_zero_page(
 mod tests {
     use super::*;
     use crate::arch::layout::CMDLINE_MAX_SIZE;
-    use std::io::Write;
     use vm_memory::GuestMemoryBackend;
 
     fn mem(size: usize) -> crate::memory::GuestRam {
         crate::memory::create_guest_memory(&[(GuestAddress(0), size)]).unwrap()
     }
 
-    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("husk-boot-{}-{name}", std::process::id()));
-        File::create(&path).unwrap().write_all(bytes).unwrap();
-        path
+    /// A file holding `bytes`, in a directory removed when the returned guard drops (also when
+    /// the test fails).
+    fn temp_file(name: &str, bytes: &[u8]) -> (husk_tests::tiny_guest::TempDir, PathBuf) {
+        let dir = husk_tests::tiny_guest::TempDir::new("boot");
+        let path = dir.write(name, bytes);
+        (dir, path)
     }
 
     #[test]
     fn garbage_is_not_a_kernel() {
-        let path = temp_file("garbage", &[0x42; 8192]);
+        let (_dir, path) = temp_file("garbage", &[0x42; 8192]);
         let err = load_kernel(&mem(64 << 20), &path, true).unwrap_err();
-        std::fs::remove_file(&path).unwrap();
         assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
         assert!(err.to_string().contains("is not a kernel"));
     }
@@ -327,7 +327,7 @@ mod tests {
     fn a_shared_elf_kernel_is_mapped_from_its_file_in_whole_pages() {
         // Two and a half pages of code: two whole pages are mapped, the half page is copied.
         let code: Vec<u8> = (0..10240u32).map(|i| (i % 253) as u8).collect();
-        let path = temp_file("shared.elf", &husk_tests::tiny_guest::elf_image(&code));
+        let (_dir, path) = temp_file("shared.elf", &husk_tests::tiny_guest::elf_image(&code));
         let load = husk_tests::tiny_guest::LOAD_ADDR;
         for share in [false, true] {
             let m = mem(16 << 20);
@@ -343,7 +343,6 @@ mod tests {
                 assert_eq!(file == name, mapped, "page at +{offset:#x} (share: {share}): {file:?}");
             }
         }
-        std::fs::remove_file(&path).unwrap();
     }
 
     /// `elf_image(code)` with `value` written at byte `at` (a field of its headers).
@@ -372,7 +371,7 @@ mod tests {
             ("truncated program headers", husk_tests::tiny_guest::elf_image(&code)[..100].to_vec()),
         ];
         for (what, elf) in bad {
-            let path = temp_file("bad.elf", &elf);
+            let (_dir, path) = temp_file("bad.elf", &elf);
             let errors = [false, true].map(|share| {
                 match load_kernel(&mem(16 << 20), &path, share).unwrap_err() {
                     BootError::KernelLoad { source, .. } => format!("{source:?}"),
@@ -380,22 +379,21 @@ mod tests {
                 }
             });
             assert_eq!(errors[0], errors[1], "{what}: the same error from both loaders");
-            std::fs::remove_file(&path).unwrap();
         }
         // And the good one loads both ways at the same place.
-        let path = temp_file("good.elf", &husk_tests::tiny_guest::elf_image(&code));
+        let (_dir, path) = temp_file("good.elf", &husk_tests::tiny_guest::elf_image(&code));
         for share in [false, true] {
             let kernel = load_kernel(&mem(16 << 20), &path, share).unwrap();
             assert_eq!((kernel.entry.0, kernel.end), (load, load + 8192), "share: {share}");
         }
-        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
     fn a_segment_whose_pages_do_not_line_up_with_the_files_is_copied() {
         let code: Vec<u8> = (0..10000u32).map(|i| (i % 249) as u8).collect();
         let load = husk_tests::tiny_guest::LOAD_ADDR + 0x10;
-        let path = temp_file("misaligned.elf", &patched_elf(&code, 88, &load.to_le_bytes()));
+        let (_dir, path) =
+            temp_file("misaligned.elf", &patched_elf(&code, 88, &load.to_le_bytes()));
         let m = mem(16 << 20);
         load_kernel(&m, &path, true).unwrap();
         let mut got = vec![0u8; code.len()];
@@ -405,7 +403,6 @@ mod tests {
             let host = m.get_host_address(GuestAddress(load + offset)).unwrap() as usize;
             assert_eq!(crate::memory::mapping_at(host).unwrap(), "", "copied at +{offset:#x}");
         }
-        std::fs::remove_file(&path).unwrap();
     }
 
     /// Minor page faults of this thread so far.
@@ -424,7 +421,7 @@ mod tests {
         // 4 MiB of kernel: copied, its 1024 guest pages are written (one fault each, in small
         // boot pages); mapped, none of them is.
         let code: Vec<u8> = (0..4u32 << 20).map(|i| (i % 247) as u8).collect();
-        let path = temp_file("big.elf", &husk_tests::tiny_guest::elf_image(&code));
+        let (_dir, path) = temp_file("big.elf", &husk_tests::tiny_guest::elf_image(&code));
         for share in [false, true] {
             let m = crate::memory::create_guest_memory_with_small_pages_below(
                 &[(GuestAddress(0), 16 << 20)],
@@ -437,13 +434,12 @@ mod tests {
             let expected = if share { 0..64 } else { 1024..1100 };
             assert!(expected.contains(&faults), "{faults} faults loading (share: {share})");
         }
-        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
     fn initrd_goes_to_the_top_of_low_memory() {
         let m = mem(16 << 20);
-        let path = temp_file("initrd", &[7u8; 5000]);
+        let (_dir, path) = temp_file("initrd", &[7u8; 5000]);
         let initrd = load_initrd(&m, 16 << 20, 2 << 20, &path, false).unwrap();
         assert_eq!(initrd.size, 5000);
         assert_eq!(initrd.addr.0 % PAGE_SIZE, 0);
@@ -451,7 +447,6 @@ mod tests {
         let byte: u8 = m.read_obj(GuestAddress(initrd.addr.0 + 4999)).unwrap();
         assert_eq!(byte, 7);
         let err = load_initrd(&m, 16 << 20, (16 << 20) - 4096, &path, false).unwrap_err();
-        std::fs::remove_file(&path).unwrap();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
         let err = load_initrd(&m, 16 << 20, 0, Path::new("/nonexistent"), false).unwrap_err();
         assert!(matches!(err, BootError::InitrdRead { .. }), "{err}");
@@ -461,7 +456,7 @@ mod tests {
     fn a_shared_initrd_is_mapped_from_its_file_in_whole_pages() {
         // Two and a half pages: two whole pages are mapped, the half page is copied.
         let bytes: Vec<u8> = (0..10240u32).map(|i| (i % 251) as u8).collect();
-        let path = temp_file("shared-initrd", &bytes);
+        let (_dir, path) = temp_file("shared-initrd", &bytes);
         let name = path.to_str().unwrap();
         for share in [false, true] {
             let m = mem(16 << 20);
@@ -475,7 +470,6 @@ mod tests {
                 assert_eq!(file == name, mapped, "page at +{offset:#x} (share: {share}): {file:?}");
             }
         }
-        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -74,8 +74,8 @@ mod tests {
 
     #[test]
     fn reads_what_the_cgroup_has() {
-        let dir = std::env::temp_dir().join(format!("husk-stats-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let cgroup = husk_tests::tiny_guest::TempDir::new("stats");
+        let dir = cgroup.path().to_path_buf();
         fs::write(dir.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n")
             .unwrap();
         let s = read(&dir).unwrap();
@@ -94,7 +94,7 @@ mod tests {
         assert_eq!((m.usage_bytes, m.limit_bytes, m.swap_usage_bytes), (4096, 0, 0));
         assert_eq!((m.anon_bytes, m.file_bytes, m.oom_kills), (1024, 2048, 1));
         assert_eq!((s.pids.current, s.pids.limit), (2, 50));
-        fs::remove_dir_all(&dir).unwrap();
+        drop(cgroup);
         assert!(read(&dir).is_err());
     }
 }

@@ -191,8 +191,8 @@ mod tests {
 
     #[test]
     fn symlinks_stay_inside_the_root() {
-        let root = std::env::temp_dir().join(format!("husk-resolve-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let dir = husk_tests::tiny_guest::TempDir::new("resolve");
+        let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("real/dir")).unwrap();
         symlink("/real", root.join("abs")).unwrap();
         symlink("../../..", root.join("real/up")).unwrap();
@@ -205,6 +205,5 @@ mod tests {
         assert_eq!(r("/../../x").unwrap(), root.join("x"));
         assert_eq!(r("/new/a/b").unwrap(), root.join("new/a/b"));
         assert!(r("/loop").unwrap_err().contains("too many symlinks"));
-        std::fs::remove_dir_all(&root).unwrap();
     }
 }

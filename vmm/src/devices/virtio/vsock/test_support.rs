@@ -1,9 +1,9 @@
-//! Test-only helpers for the vsock device: a temporary directory for sockets, and a harness
-//! that plays the guest's virtio-vsock driver (rx buffers, tx packets, reading rx packets back)
-//! against a device driven by a real `EventManager` and activated through `MmioTransport`.
+//! Test-only helpers for the vsock device: a temporary directory for sockets (the test
+//! library's), and a harness that plays the guest's virtio-vsock driver (rx buffers, tx
+//! packets, reading rx packets back) against a device driven by a real `EventManager` and
+//! activated through `MmioTransport`.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,30 +19,7 @@ use crate::devices::virtio::test_utils::*;
 use crate::devices::virtio::{MmioTransport, VirtioDevice};
 use crate::memory::GuestMemoryMmap;
 
-/// A directory under the system temp dir, removed with everything in it when dropped.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("husk-vsock-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).expect("create test dir");
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use husk_tests::tiny_guest::TempDir;
 
 pub const GUEST_CID: u64 = 3;
 pub const GUEST_MEM: usize = 48 << 20;
@@ -91,7 +68,7 @@ impl Harness {
     }
 
     pub fn with_features(features: u64) -> Self {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let uds = dir.path().join("v.sock");
         let mem = guest_memory(GUEST_MEM);
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));

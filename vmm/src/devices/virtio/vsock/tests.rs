@@ -743,7 +743,7 @@ fn reset_drops_connections_and_keeps_listening() {
 
 #[test]
 fn queue_events_before_activation_are_ignored() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vsock");
     let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     let config = VsockConfig { guest_cid: GUEST_CID, uds_path: dir.path().join("v.sock") };
     let vsock = Arc::new(std::sync::Mutex::new(Vsock::new(config, interrupt).unwrap()));
@@ -813,7 +813,7 @@ fn socket_path_in_use_is_an_error_and_drop_removes_the_file() {
 
 #[test]
 fn invalid_cids_and_missing_directories_are_refused() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vsock");
     let interrupt = || Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
     for cid in [0, 1, HOST_CID, u64::from(u32::MAX), 1 << 32] {
         let config = VsockConfig { guest_cid: cid, uds_path: dir.path().join("v.sock") };

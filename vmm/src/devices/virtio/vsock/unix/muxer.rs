@@ -497,7 +497,7 @@ mod tests {
 
     #[test]
     fn local_ports_wrap_and_skip_live_connections() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let mut muxer = Muxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
         let (stream, _peer) = UnixStream::pair().unwrap();
         let key = ConnKey { local_port: FIRST_LOCAL_PORT, peer_port: 5 };
@@ -510,7 +510,7 @@ mod tests {
 
     #[test]
     fn refusals_queue_up_to_a_bound() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let mut muxer = Muxer::new(GUEST_CID, &dir.path().join("v.sock")).unwrap();
         for port in 0..MAX_PENDING_CONTROL as u32 + 100 {
             muxer.handle_guest_packet(&guest_hdr(port, 9, op::RW), &[]);

@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn bind_creates_and_drop_removes_the_socket() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let path = dir.path().join("v.sock");
         let listener = HostListener::bind(&path).unwrap();
         assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_socket());
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn live_listener_makes_the_path_in_use() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let path = dir.path().join("v.sock");
         let _first = HostListener::bind(&path).unwrap();
         let err = HostListener::bind(&path).unwrap_err();
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn stale_socket_file_is_replaced() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let path = dir.path().join("v.sock");
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists(), "std leaves the file behind: a stale socket");
@@ -211,7 +211,7 @@ mod tests {
 
     #[test]
     fn regular_file_is_not_replaced() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let path = dir.path().join("v.sock");
         std::fs::write(&path, b"data").unwrap();
         let err = HostListener::bind(&path).unwrap_err();
@@ -221,7 +221,7 @@ mod tests {
 
     #[test]
     fn missing_parent_directory_is_named() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let parent = dir.path().join("absent");
         let err = HostListener::bind(&parent.join("v.sock")).unwrap_err();
         assert!(matches!(&err, ListenerError::MissingParent(p) if *p == parent), "{err}");
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn drop_leaves_a_replaced_file_alone() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let path = dir.path().join("v.sock");
         let listener = HostListener::bind(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn nonblocking_connect_reports_absent_and_refused_sockets() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let path = dir.path().join("s");
         let err = connect_nonblocking(&path).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
@@ -254,7 +254,7 @@ mod tests {
 
     #[test]
     fn nonblocking_connect_reaches_a_listener() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("vsock");
         let path = dir.path().join("s");
         let listener = UnixListener::bind(&path).unwrap();
         let stream = connect_nonblocking(&path).unwrap();
