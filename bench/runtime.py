@@ -98,11 +98,17 @@ def run_detached(rt, *args):
     return p
 
 
+def stat_field(pid, n):
+    """Field n (numbered from 1, as proc(5) does) of /proc/PID/stat, as an integer. The fields
+    from the third on follow the command name's closing parenthesis."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[n - 3])
+
+
 def children_cpu_s():
     """(user + system, guest) CPU seconds of this process's reaped descendants."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open("/proc/self/stat") as f:
-        guest_ticks = int(f.read().rsplit(")", 1)[1].split()[41])  # cguest_time, field 44
+    guest_ticks = stat_field("self", 44)  # cguest_time
     return usage.ru_utime + usage.ru_stime, guest_ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -161,8 +167,7 @@ def descendants(pid):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            ppid = stat_field(entry, 4)
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
