@@ -122,7 +122,7 @@ def reap_all(timeout_s=10.0):
             return
         if pid == 0:
             time.sleep(0.01)
-    sys.exit("bench: processes of a container still run 10 s after its delete")
+    sys.exit(f"bench: processes of a container still run {timeout_s:.0f} s after its delete")
 
 
 def time_run_true(rt, bundle, cid):
