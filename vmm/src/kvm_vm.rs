@@ -146,6 +146,12 @@ impl KvmVm {
             .map_err(ioctl_err("report supported CPUID"))
     }
 
+    /// The MSRs KVM saves and restores for a vCPU (`KVM_GET_MSR_INDEX_LIST`).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, KvmError> {
+        let list = self.kvm.get_msr_index_list().map_err(ioctl_err("list the MSRs"))?;
+        Ok(list.as_slice().to_vec())
+    }
+
     /// Whether the in-kernel LAPIC emulates the TSC-deadline timer mode. KVM does not report it
     /// in the supported CPUID (the bit belongs to the LAPIC, not the CPU), so the VMM sets it.
     pub fn has_tsc_deadline_timer(&self) -> bool {

@@ -10,5 +10,6 @@ pub mod error_chain;
 pub mod kvm_vm;
 pub mod memory;
 pub mod micro_vm;
+pub mod snapshot;
 pub mod vcpu;
 pub mod zero_pages;

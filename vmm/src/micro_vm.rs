@@ -1,11 +1,14 @@
 //! A micro-VM from configuration to end: [`MicroVm::new`] builds it (KVM VM, guest memory,
-//! devices, kernel, vCPUs) and [`MicroVm::run`] runs the vCPU threads and the device event loop
-//! until the guest resets or powers itself off, or crashes.
+//! devices, kernel, vCPUs), or [`MicroVm::restore`] builds it from a snapshot (see
+//! [`crate::snapshot`]), and [`MicroVm::run`] runs the vCPU threads and the device event loop
+//! until the guest resets or powers itself off, or crashes. While it runs, a
+//! [`SnapshotHandle`] saves it.
 
 use std::fs::File;
 use std::io::Write;
 use std::ops::Deref;
 use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use linux_loader::cmdline::Cmdline;
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::*;
@@ -23,7 +26,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{
-    BootTimer, ConsoleFile, EventFdTrigger, SerialConsole, SerialInput, I8042,
+    BootTimer, ConsoleFile, EventFdTrigger, SerialConsole, SerialInput, SerialSnapshot, I8042,
 };
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
@@ -34,6 +37,9 @@ use crate::kvm_vm::{KvmError, KvmVm};
 use crate::memory::{
     create_guest_memory_with_small_pages_below, GuestMemoryMmap, GuestRam, MemoryError,
     SMALL_BOOT_PAGES,
+};
+use crate::snapshot::{
+    map_memory_file, write_memory_file, SnapshotError, VmSnapshot, VmState, MEMORY_FILE,
 };
 use crate::vcpu::{kick, PauseGate, Vcpu, VcpuError, VcpuStop};
 use crate::zero_pages::{ZeroPageReclaim, ZeroPageReclaimer};
@@ -46,6 +52,10 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off acpi=off";
 
 /// How long to wait for vCPU threads to leave `KVM_RUN` once the VM stops.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the vCPUs may take to pause for a snapshot.
+const SNAPSHOT_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long [`SnapshotHandle::take`] waits for the VM to save itself (its memory included).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The event loop's subscribers.
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -102,6 +112,9 @@ pub enum VmmError {
     /// An event fd or the event loop failed.
     #[error("VMM event loop: {0}")]
     EventLoop(String),
+    /// A snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The guest crashed (triple fault, crash event).
     #[error("guest crashed: {0}")]
     GuestCrash(String),
@@ -137,9 +150,9 @@ pub struct VmOutcome {
 
 /// A built micro-VM, ready to run.
 pub struct MicroVm {
-    /// Held only to keep the VM alive until the vCPUs are joined; declared before `_mem` so
-    /// that the VM, which maps guest memory, is dropped first.
-    _vm: KvmVm,
+    /// Held to keep the VM alive until the vCPUs are joined (the snapshotter holds it too);
+    /// declared before `_mem` so that the VM, which maps guest memory, is dropped first.
+    _vm: Arc<KvmVm>,
     vcpus: Vec<Vcpu>,
     event_manager: EventManager<Subscriber>,
     exit_monitor: Arc<Mutex<ExitMonitor>>,
@@ -150,6 +163,7 @@ pub struct MicroVm {
     pause_gate: Arc<PauseGate>,
     vcpu_threads: VcpuThreads,
     zero_pages: Arc<Mutex<ZeroPageReclaimer>>,
+    snapshotter: Arc<Mutex<Snapshotter>>,
     boot_time: Arc<Mutex<Option<Duration>>>,
     /// Held only to keep guest memory mapped while the vCPUs run; declared last, so that it
     /// is unmapped after everything that uses it is gone.
@@ -164,6 +178,7 @@ pub(crate) struct VmBuilder {
     event_manager: EventManager<Subscriber>,
     cmdline: Cmdline,
     virtio_devices: u32,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// Declared last, so that on an error it is dropped after the devices that use it.
     mem: GuestRam,
 }
@@ -194,8 +209,9 @@ impl VmBuilder {
                 self.vm.register_mmio_ioevent(evt, base + NOTIFY_REG_OFFSET, index as u32)?;
             }
         }
-        let transport = MmioTransport::new(self.mem.clone(), device.clone());
-        self.mmio.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(self.mem.clone(), device.clone())));
+        self.mmio.insert(base, MMIO_WINDOW_SIZE, transport.clone())?;
+        self.transports.push(transport);
         self.event_manager.add_subscriber(device);
         self.cmdline.add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)?;
         self.virtio_devices += 1;
@@ -203,9 +219,29 @@ impl VmBuilder {
     }
 }
 
+/// How a VM's guest starts: booting its kernel, or where a snapshot left it.
+enum Start<'a> {
+    Boot,
+    Restore { snapshot: &'a VmSnapshot, memory: &'a File },
+}
+
 impl MicroVm {
     /// Build the VM described by `config`. Nothing runs yet.
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        Self::build(config, Start::Boot)
+    }
+
+    /// Build the VM saved in snapshot directory `dir` (see [`crate::snapshot`]) from the
+    /// `config` it was built with, but for its devices' host side (disk images, taps, the
+    /// vsock socket), which are this VM's own. Nothing runs yet.
+    pub fn restore(config: &VmConfig, dir: &Path) -> Result<Self, VmmError> {
+        let snapshot = VmSnapshot::read(dir)?;
+        let path = dir.join(MEMORY_FILE);
+        let memory = File::open(&path).map_err(|source| SnapshotError::File { path, source })?;
+        Self::build(config, Start::Restore { snapshot: &snapshot, memory: &memory })
+    }
+
+    fn build(config: &VmConfig, how: Start<'_>) -> Result<Self, VmmError> {
         let start = Instant::now();
         config.validate()?;
         let vm = KvmVm::new()?;
@@ -215,6 +251,21 @@ impl MicroVm {
             &memory_regions(config.mem_bytes()),
             small_below,
         )?;
+        let saved = match &how {
+            Start::Boot => None,
+            Start::Restore { snapshot, memory } => {
+                map_memory_file(&mem, &snapshot.regions, memory)?;
+                if snapshot.vcpus.len() != usize::from(config.vcpus) {
+                    return Err(SnapshotError::Mismatch(format!(
+                        "{} vCPUs, saved {}",
+                        config.vcpus,
+                        snapshot.vcpus.len()
+                    ))
+                    .into());
+                }
+                Some(*snapshot)
+            }
+        };
         vm.register_memory(&mem)?;
 
         let event_manager = EventManager::new()
@@ -228,12 +279,15 @@ impl MicroVm {
             event_manager,
             cmdline,
             virtio_devices: 0,
+            transports: Vec::new(),
             mem,
         };
 
         let stop = Arc::new(AtomicBool::new(false));
         let reset_evt = eventfd()?;
-        let boot_time = attach_legacy_devices(&mut builder, config, start, &stop, &reset_evt)?;
+        let serial_state = saved.map(|s| &s.serial);
+        let (boot_time, serial) =
+            attach_legacy_devices(&mut builder, config, start, &stop, &reset_evt, serial_state)?;
         attach_virtio_devices(&mut builder, config)?;
         if config.share_boot_files && config.vcpus == 1 {
             // A kernel booting on one CPU rewrites every `lock` prefix of its text, which would
@@ -250,17 +304,29 @@ impl MicroVm {
         }
 
         // `mem` first: bindings are dropped in reverse, so on an error it goes after the devices.
-        let VmBuilder { mem, vm, pio, mmio, mut event_manager, cmdline, .. } = builder;
-        let entry = load_guest(&mem, config, &cmdline)?;
+        let VmBuilder { mem, vm, pio, mmio, mut event_manager, cmdline, transports, .. } = builder;
+        let entry = match saved {
+            None => Some(load_guest(&mem, config, &cmdline)?),
+            Some(_) => None,
+        };
 
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let vcpus = (0..config.vcpus)
             .map(|id| {
                 let vcpu = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
-                vcpu.configure(&vm, entry, config.vcpus)?;
+                match (entry, saved) {
+                    (Some(entry), _) => vcpu.configure(&vm, entry, config.vcpus)?,
+                    (None, Some(saved)) => {
+                        vcpu.restore(&vm, config.vcpus, &saved.vcpus[usize::from(id)])?
+                    }
+                    (None, None) => unreachable!("a VM either boots or is restored"),
+                }
                 Ok(vcpu)
             })
             .collect::<Result<Vec<_>, VmmError>>()?;
+        if let Some(saved) = saved {
+            restore_devices(&vm, &transports, saved)?;
+        }
 
         let (vcpu_stops, stops_rx) = mpsc::channel();
         let vcpu_stop_evt = eventfd()?;
@@ -284,7 +350,25 @@ impl MicroVm {
             vcpu_threads.clone(),
         )));
         event_manager.add_subscriber(zero_pages.clone());
-        log::debug!("micro-VM built in {:?}", start.elapsed());
+        let vm = Arc::new(vm);
+        let snapshotter = Arc::new(Mutex::new(Snapshotter {
+            trigger: eventfd()?,
+            requests: mpsc::channel(),
+            msr_indices: vm.msr_index_list()?,
+            vm: vm.clone(),
+            mem: mem.deref().clone(),
+            vcpu_count: usize::from(config.vcpus),
+            gate: pause_gate.clone(),
+            vcpus: vcpu_threads.clone(),
+            serial,
+            transports,
+        }));
+        event_manager.add_subscriber(snapshotter.clone());
+        log::debug!(
+            "micro-VM {} in {:?}",
+            if saved.is_some() { "restored" } else { "built" },
+            start.elapsed()
+        );
         Ok(MicroVm {
             _vm: vm,
             vcpus,
@@ -297,8 +381,18 @@ impl MicroVm {
             pause_gate,
             vcpu_threads,
             zero_pages,
+            snapshotter,
             boot_time,
             _mem: mem,
+        })
+    }
+
+    /// The handle that saves this VM while it runs (see [`crate::snapshot`]).
+    pub fn snapshot_handle(&self) -> std::io::Result<SnapshotHandle> {
+        let snapshotter = self.snapshotter.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(SnapshotHandle {
+            trigger: snapshotter.trigger.try_clone()?,
+            requests: snapshotter.requests.0.clone(),
         })
     }
 
@@ -372,28 +466,57 @@ fn attach_virtio_devices(builder: &mut VmBuilder, config: &VmConfig) -> Result<(
     Ok(())
 }
 
-/// Serial console on COM1, i8042 for the reset line, boot timer; returns the boot time cell.
+/// The VM-wide KVM state and the virtio devices of a restored VM, whose vCPUs are restored.
+fn restore_devices(
+    vm: &KvmVm,
+    transports: &[Arc<Mutex<MmioTransport>>],
+    saved: &VmSnapshot,
+) -> Result<(), SnapshotError> {
+    saved.vm.restore(vm.fd())?;
+    if transports.len() != saved.virtio.len() {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} virtio devices, saved {}",
+            transports.len(),
+            saved.virtio.len()
+        )));
+    }
+    for (transport, state) in transports.iter().zip(&saved.virtio) {
+        transport.lock().unwrap_or_else(|e| e.into_inner()).restore(state)?;
+    }
+    Ok(())
+}
+
+/// The serial console of a VM.
+type Console = Arc<Mutex<SerialConsole>>;
+
+/// When the guest wrote the boot timer, once it has.
+type BootTime = Arc<Mutex<Option<Duration>>>;
+
+/// Serial console on COM1 (with `saved` registers for a restored VM), i8042 for the reset
+/// line, boot timer; returns the boot time cell and the console.
 fn attach_legacy_devices(
     builder: &mut VmBuilder,
     config: &VmConfig,
     start: Instant,
     stop: &Arc<AtomicBool>,
     reset_evt: &EventFd,
-) -> Result<Arc<Mutex<Option<Duration>>>, VmmError> {
+    saved: Option<&SerialSnapshot>,
+) -> Result<(BootTime, Console), VmmError> {
     let serial_irq = eventfd()?;
     builder.vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let fifo_drained = eventfd()?;
     let out = console_output(&config.console.output)?;
     let clone_err = |e: std::io::Error| VmmError::EventLoop(e.to_string());
-    let console = Arc::new(Mutex::new(SerialConsole::new(
-        EventFdTrigger::new(serial_irq),
-        fifo_drained.try_clone().map_err(clone_err)?,
-        out,
-    )));
+    let irq = EventFdTrigger::new(serial_irq);
+    let drained = fifo_drained.try_clone().map_err(clone_err)?;
+    let console = Arc::new(Mutex::new(match saved {
+        None => SerialConsole::new(irq, drained, out),
+        Some(saved) => SerialConsole::restored(irq, drained, out, saved).map_err(clone_err)?,
+    }));
     builder.pio.insert(0x3f8, 8, console.clone())?;
     if config.console.read_stdin {
         let stdin = std::io::stdin().as_fd().try_clone_to_owned().map_err(clone_err)?;
-        let input = SerialInput::new(console, File::from(stdin), fifo_drained);
+        let input = SerialInput::new(console.clone(), File::from(stdin), fifo_drained);
         builder.event_manager.add_subscriber(Arc::new(Mutex::new(input)));
     }
 
@@ -403,7 +526,7 @@ fn attach_legacy_devices(
     let timer = BootTimer::new(start);
     let boot_time = timer.boot_time();
     builder.mmio.insert(BOOT_TIMER_START, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
-    Ok(boot_time)
+    Ok((boot_time, console))
 }
 
 fn console_output(output: &ConsoleOutput) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -510,5 +633,89 @@ impl MutEventSubscriber for ExitMonitor {
                 VcpuStop::Error(reason) => self.conclude(Err(VmmError::VcpuFailed { id, reason })),
             }
         }
+    }
+}
+
+/// A request to save the VM into a directory, and where to answer it.
+struct SnapshotRequest {
+    dir: PathBuf,
+    reply: mpsc::Sender<Result<(), SnapshotError>>,
+}
+
+/// Saves a running VM when asked through its [`SnapshotHandle`]: on the event loop's thread,
+/// so that no device works meanwhile, with the vCPUs paused (each saving its own state).
+struct Snapshotter {
+    trigger: EventFd,
+    requests: (mpsc::Sender<SnapshotRequest>, mpsc::Receiver<SnapshotRequest>),
+    msr_indices: Vec<u32>,
+    vm: Arc<KvmVm>,
+    mem: GuestMemoryMmap,
+    vcpu_count: usize,
+    gate: Arc<PauseGate>,
+    vcpus: VcpuThreads,
+    serial: Console,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl Snapshotter {
+    fn save(&self, dir: &Path) -> Result<(), SnapshotError> {
+        let start = Instant::now();
+        let threads = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        let (paused, mut saved) = self
+            .gate
+            .pause_and_save(&threads, SNAPSHOT_PAUSE_TIMEOUT, self.msr_indices.clone())
+            .ok_or(SnapshotError::NotPaused)?;
+        if saved.len() != self.vcpu_count {
+            return Err(SnapshotError::VcpusGone { running: saved.len(), wanted: self.vcpu_count });
+        }
+        saved.sort_by_key(|(id, _)| *id);
+        let vcpus = saved.into_iter().map(|(_, state)| state).collect::<Result<Vec<_>, _>>()?;
+        let vm = VmState::save(self.vm.fd())?;
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).snapshot();
+        let virtio = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
+            .collect();
+        write_memory_file(&self.mem, &dir.join(MEMORY_FILE), &paused)?;
+        let regions = self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        VmSnapshot::new(regions, vcpus, vm, serial, virtio).write(dir)?;
+        drop(paused);
+        log::debug!("VM saved to {} in {:?}", dir.display(), start.elapsed());
+        Ok(())
+    }
+}
+
+impl MutEventSubscriber for Snapshotter {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.trigger, EventSet::IN)) {
+            log::error!("cannot watch the snapshot event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.trigger.read();
+        while let Ok(request) = self.requests.1.try_recv() {
+            let _ = request.reply.send(self.save(&request.dir));
+        }
+    }
+}
+
+/// Saves a running VM into a snapshot directory (see [`crate::snapshot`]).
+pub struct SnapshotHandle {
+    trigger: EventFd,
+    requests: mpsc::Sender<SnapshotRequest>,
+}
+
+impl SnapshotHandle {
+    /// Pause the VM, save it into `dir` (an existing directory, whose snapshot files are
+    /// replaced), and let it go on.
+    pub fn take(&self, dir: &Path) -> Result<(), SnapshotError> {
+        let (reply, answer) = mpsc::channel();
+        self.requests
+            .send(SnapshotRequest { dir: dir.to_path_buf(), reply })
+            .map_err(|_| SnapshotError::VmGone)?;
+        self.trigger.write(1).map_err(|_| SnapshotError::VmGone)?;
+        answer.recv_timeout(SNAPSHOT_TIMEOUT).map_err(|_| SnapshotError::VmGone)?
     }
 }

@@ -18,6 +18,7 @@ use vm_memory::GuestAddress;
 use crate::arch::{cpuid, lapic, msr, regs};
 use crate::devices::bus::Bus;
 use crate::kvm_vm::{KvmError, KvmVm};
+use crate::snapshot::{SnapshotError, VcpuState};
 
 /// Why a vCPU's boot state could not be set.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,13 @@ pub enum VcpuError {
     /// KVM took fewer MSRs than given.
     #[error("KVM accepted only {set} of {wanted} boot MSRs")]
     Msrs { set: usize, wanted: usize },
+    /// A saved state could not be set.
+    #[error("cannot restore vCPU {id}")]
+    Restore {
+        id: u8,
+        #[source]
+        source: SnapshotError,
+    },
     /// The vCPU thread could not be started.
     #[error("cannot start the vCPU {id} thread")]
     Spawn {
@@ -88,10 +96,7 @@ impl Vcpu {
     /// Set the state Linux's 64-bit boot protocol expects, entering at `entry`, for a VM of
     /// `count` vCPUs. The GDT and page tables must already be in guest memory.
     pub fn configure(&self, vm: &KvmVm, entry: GuestAddress, count: u8) -> Result<(), VcpuError> {
-        let mut cpuid = vm.supported_cpuid()?;
-        cpuid::filter_cpuid(&mut cpuid, self.id, count, vm.has_tsc_deadline_timer());
-        self.fd.set_cpuid2(&cpuid).map_err(self.ioctl_err("CPUID"))?;
-
+        self.set_cpuid(vm, count)?;
         let msrs = msr::boot_msrs();
         let set = self.fd.set_msrs(&msrs).map_err(self.ioctl_err("MSRs"))?;
         if set != msrs.as_slice().len() {
@@ -107,14 +112,44 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Give the vCPU the CPUID of vCPU `self.id` of `count`: what the host supports, filtered.
+    fn set_cpuid(&self, vm: &KvmVm, count: u8) -> Result<(), VcpuError> {
+        let mut cpuid = vm.supported_cpuid()?;
+        cpuid::filter_cpuid(&mut cpuid, self.id, count, vm.has_tsc_deadline_timer());
+        self.fd.set_cpuid2(&cpuid).map_err(self.ioctl_err("CPUID"))
+    }
+
+    /// Set a saved state (see [`crate::snapshot`]) on this new vCPU of a VM of `count`.
+    pub fn restore(&self, vm: &KvmVm, count: u8, state: &VcpuState) -> Result<(), VcpuError> {
+        self.set_cpuid(vm, count)?;
+        state.restore(&self.fd).map_err(|e| VcpuError::Restore { id: self.id, source: e })
+    }
+
+    /// This vCPU's state, for a snapshot: first a `KVM_RUN` that returns at once
+    /// (`immediate_exit`), which completes the port or MMIO read the last exit left for KVM to
+    /// finish (its data is in the shared run area, not in any state KVM reports).
+    fn save(&mut self, msr_indices: &[u32]) -> Result<VcpuState, SnapshotError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = self.fd.run().map(drop);
+        self.fd.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                return Err(SnapshotError::Ioctl { what: "complete the last exit", source: e })
+            }
+            Ok(()) => return Err(SnapshotError::ExitWhileSaving),
+        }
+        VcpuState::save(&self.fd, msr_indices)
+    }
+
     /// Run the guest until `stop` is raised or the guest ends, waiting at `gate` whenever a
-    /// pause is asked for.
+    /// pause is asked for (saving its state first when the pause is for a snapshot).
     pub fn run(&mut self, stop: &AtomicBool, gate: &PauseGate) -> VcpuStop {
         loop {
             if stop.load(Ordering::SeqCst) {
                 return VcpuStop::Stopped;
             }
-            gate.wait_while_paused();
+            gate.wait_while_paused(self.id, |msr_indices| self.save(msr_indices));
             if stop.load(Ordering::SeqCst) {
                 return VcpuStop::Stopped;
             }
@@ -214,7 +249,13 @@ struct GateState {
     running: usize,
     /// vCPU threads waiting at the gate.
     waiting: usize,
+    /// While a pause for a snapshot is asked for: the MSRs to save, and each vCPU's state as
+    /// it arrives at the gate.
+    saving: Option<(Vec<u32>, SavedVcpus)>,
 }
+
+/// The states of a VM's vCPUs, by id, or why one could not be saved.
+pub type SavedVcpus = Vec<(u8, Result<VcpuState, SnapshotError>)>;
 
 /// While this lives, no vCPU of its gate runs the guest; dropping it lets them go on.
 #[must_use]
@@ -246,13 +287,21 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
-    /// Called by a vCPU thread between two `KVM_RUN`s: wait as long as a pause is asked for.
-    /// Without one (nearly always) it takes no lock.
-    fn wait_while_paused(&self) {
+    /// Called by vCPU `id`'s thread between two `KVM_RUN`s: wait as long as a pause is asked
+    /// for, after saving its state with `save` (given the MSRs to save) if the pause is for a
+    /// snapshot. Without a pause (nearly always) it takes no lock.
+    fn wait_while_paused(
+        &self,
+        id: u8,
+        save: impl FnOnce(&[u32]) -> Result<VcpuState, SnapshotError>,
+    ) {
         if !self.requested.load(Ordering::SeqCst) {
             return;
         }
         let mut state = self.lock();
+        if let Some((msrs, saved)) = &mut state.saving {
+            saved.push((id, save(msrs)));
+        }
         state.waiting += 1;
         self.changed.notify_all();
         while self.requested.load(Ordering::SeqCst) {
@@ -265,12 +314,34 @@ impl PauseGate {
     /// it until they all wait at the gate; `None` if they did not within `timeout` (one is
     /// stuck in a device's handler), and then they go on.
     pub fn pause(&self, threads: &[JoinHandle<()>], timeout: Duration) -> Option<Paused<'_>> {
+        self.pause_with(threads, timeout, None).map(|(paused, _)| paused)
+    }
+
+    /// [`PauseGate::pause`], each vCPU saving its state (with the MSRs of `msr_indices`) as it
+    /// arrives at the gate; the states come back with the pause.
+    pub fn pause_and_save(
+        &self,
+        threads: &[JoinHandle<()>],
+        timeout: Duration,
+        msr_indices: Vec<u32>,
+    ) -> Option<(Paused<'_>, SavedVcpus)> {
+        self.pause_with(threads, timeout, Some(msr_indices))
+    }
+
+    fn pause_with(
+        &self,
+        threads: &[JoinHandle<()>],
+        timeout: Duration,
+        save_msrs: Option<Vec<u32>>,
+    ) -> Option<(Paused<'_>, SavedVcpus)> {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
+        state.saving = save_msrs.map(|msrs| (msrs, Vec::new()));
         self.requested.store(true, Ordering::SeqCst);
         let paused = Paused { gate: self };
         while state.waiting < state.running {
             if Instant::now() >= deadline {
+                state.saving = None;
                 drop(state);
                 return None;
             }
@@ -282,7 +353,8 @@ impl PauseGate {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        Some(paused)
+        let saved = state.saving.take().map(|(_, saved)| saved).unwrap_or_default();
+        Some((paused, saved))
     }
 }
 
@@ -334,7 +406,7 @@ mod tests {
                 gate.enter();
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
-                        gate.wait_while_paused();
+                        gate.wait_while_paused(0, |_| Err(SnapshotError::ExitWhileSaving));
                         count.fetch_add(1, Ordering::SeqCst);
                         if slow {
                             std::thread::sleep(Duration::from_secs(1));

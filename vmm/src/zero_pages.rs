@@ -34,7 +34,7 @@ use crate::memory::{maps_range, GuestMemoryMmap, HUGE_PAGE};
 use crate::vcpu::{PauseGate, Paused};
 
 /// The host's page size, and the unit guest memory is dropped in.
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 /// The zero pages that make a huge page worth rebuilding from small pages: a quarter of it.
 const SPARSE_HUGE_PAGE_ZEROS: usize = HUGE_PAGE / PAGE / 4;
 /// How long the vCPUs may take to stop before the reclaim is given up.
@@ -175,7 +175,7 @@ fn anonymous_mappings(maps: &str) -> Vec<Range<usize>> {
 }
 
 /// Which pages of `range` (page-aligned, within one mapping) are resident.
-fn resident_pages(range: &Range<usize>) -> io::Result<Vec<bool>> {
+pub(crate) fn resident_pages(range: &Range<usize>) -> io::Result<Vec<bool>> {
     let mut flags = vec![0u8; range.len() / PAGE];
     // SAFETY: mincore reads the page tables of `range`, which is mapped (an anonymous mapping
     // found in /proc/self/maps, guest memory that stays mapped while `mem` lives), and writes

@@ -360,3 +360,75 @@ fn irqfd_raises_the_interrupt_line() {
     };
     assert_ne!(irr & (1 << 4), 0, "IRQ 4 is pending in the PIC: {irr:#x}");
 }
+
+/// Where [`wait_for_flag_program`]'s guest waits for a word other than zero.
+const FLAG_AT: u64 = 0x40_0000;
+
+/// A guest that prints "ready", waits for the word at [`FLAG_AT`] (pointed to by `rbx`) to be
+/// set, and then prints "done" through the port its `dx` still holds.
+fn wait_for_flag_program() -> Vec<u8> {
+    let mut a = Asm::new();
+    a.mov_dx(COM1).print(b"ready\n").mov_rbx(FLAG_AT);
+    let top = a.here();
+    a.mov_eax_at_rbx(0).cmp_eax(0);
+    let set = a.jnz();
+    a.jmp_back(top).bind(set);
+    a.print(b"done\n").i8042_reset();
+    a.code().to_vec()
+}
+
+/// A running guest saved to a snapshot (two vCPUs: one waiting in a loop, one waiting for its
+/// startup IPI) goes on in a VM restored from it, from the saved memory (where the test sets
+/// the flag it waits for), with its registers (the flag's address in `rbx`, the port in `dx`)
+/// and the serial port's: it does not start over. The memory file is sparse, and a VM of
+/// another size is refused.
+#[test]
+fn a_saved_guest_goes_on_where_it_was_in_a_new_vm() {
+    require_kvm();
+    let dir = TempDir::new("snapshot");
+    let mut cfg = config(&dir, &wait_for_flag_program());
+    cfg.vcpus = 2;
+    let vm = MicroVm::new(&cfg).unwrap();
+    let snapshot = vm.snapshot_handle().unwrap();
+    let stop = vm.stop_event().unwrap();
+    let runner = std::thread::spawn(move || vm.run());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while console(&dir) != "ready\n" {
+        assert!(std::time::Instant::now() < deadline, "console: {}", console(&dir));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let saved = dir.path().join("saved");
+    std::fs::create_dir(&saved).unwrap();
+    snapshot.take(&saved).expect("the running guest is saved");
+    stop.write(1).unwrap();
+    let outcome = runner.join().unwrap().expect("a stopped VM is a clean end");
+    assert_eq!(outcome.exit, GuestExit::Stopped);
+    assert_eq!(console(&dir), "ready\n");
+
+    let memory_file = saved.join(vmm::snapshot::MEMORY_FILE);
+    let memory = std::fs::metadata(&memory_file).unwrap();
+    assert_eq!(memory.len(), 32 << 20, "the file holds all of guest memory");
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    assert!(memory.blocks() * 512 < 1 << 20, "but only the pages written: {}", memory.blocks());
+    let file = std::fs::OpenOptions::new().write(true).open(&memory_file).unwrap();
+    file.write_all_at(&1u32.to_le_bytes(), FLAG_AT).unwrap();
+
+    let mut restored = cfg.clone();
+    restored.console.output = ConsoleOutput::File(dir.path().join("console.restored"));
+    let vm = MicroVm::restore(&restored, &saved).expect("restored");
+    let stop = vm.stop_event().unwrap();
+    let runner = std::thread::spawn(move || vm.run());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !runner.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    stop.write(1).unwrap();
+    let outcome = runner.join().unwrap().expect("a clean end");
+    let text = std::fs::read_to_string(dir.path().join("console.restored")).unwrap();
+    assert_eq!(outcome.exit, GuestExit::Reset, "console: {text:?}");
+    assert_eq!(text, "done\n", "it went on from the saved loop, through the saved port");
+
+    restored.mem_mib = 64;
+    let err = MicroVm::restore(&restored, &saved).err().expect("another memory size");
+    assert!(err.to_string().contains("does not fit the VM"), "{err}");
+}

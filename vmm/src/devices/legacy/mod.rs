@@ -10,5 +10,5 @@ pub mod trigger;
 pub use boot_timer::BootTimer;
 pub use console_file::ConsoleFile;
 pub use i8042::I8042;
-pub use serial::{SerialConsole, SerialInput};
+pub use serial::{SerialConsole, SerialInput, SerialSnapshot};
 pub use trigger::EventFdTrigger;

@@ -11,7 +11,8 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,6 +35,21 @@ impl SerialEvents for InputEvents {
     }
 }
 
+/// The UART's state in a snapshot (vm-superio's `SerialState`, which has no serde).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
 /// The UART on the port-I/O bus.
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, InputEvents, Box<dyn Write + Send>>,
@@ -46,6 +62,48 @@ impl SerialConsole {
     pub fn new(irq: EventFdTrigger, fifo_drained: EventFd, out: Box<dyn Write + Send>) -> Self {
         let uart = Serial::with_events(irq, InputEvents { fifo_drained }, out);
         SerialConsole { uart, output_failed: false }
+    }
+
+    /// [`SerialConsole::new`] with the registers and receive FIFO of a snapshot; raises the
+    /// interrupt the saved state has pending.
+    pub fn restored(
+        irq: EventFdTrigger,
+        fifo_drained: EventFd,
+        out: Box<dyn Write + Send>,
+        saved: &SerialSnapshot,
+    ) -> std::io::Result<Self> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, irq, InputEvents { fifo_drained }, out)
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(SerialConsole { uart, output_failed: false })
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let state = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
+        }
     }
 
     /// Queue host input for the guest; returns how many bytes the FIFO took.

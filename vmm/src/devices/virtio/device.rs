@@ -82,6 +82,15 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Set the pending bits of a restored device, raising the line again if any is set.
+    pub fn restore_status(&self, bits: u32) -> std::io::Result<()> {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 {
+            self.irq_evt.write(1)?;
+        }
+        Ok(())
+    }
+
     /// Clear every pending bit (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -130,6 +139,14 @@ pub trait VirtioDevice: Send {
 
     /// Whether the device has been activated and not reset since.
     fn is_activated(&self) -> bool;
+
+    /// A device restored from a snapshot has just been activated again; returns whether its
+    /// configuration space may differ from what the driver read before the snapshot (the
+    /// transport then tells the driver so). Devices with host-side state the snapshot does not
+    /// keep (connections) tell the driver here.
+    fn restored(&mut self) -> bool {
+        false
+    }
 
     /// The driver wrote 0 to the status register: forget the activation, the queues and the
     /// negotiated features, drop backend state tied to the session (connections), and ignore

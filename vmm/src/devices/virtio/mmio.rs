@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::QueueT;
 
 use super::device::VirtioDevice;
+use super::state::TransportRegisters;
 use crate::devices::bus::BusDevice;
 use crate::memory::GuestMemoryMmap;
 
@@ -79,7 +80,7 @@ impl MmioTransport {
         self.device_status
     }
 
-    fn locked_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    pub(super) fn locked_device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -204,24 +205,55 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) {
+    fn try_activate(&mut self) -> Result<(), super::device::ActivateError> {
         let mem = self.mem.clone();
-        let result = {
-            let mut device = self.locked_device();
-            match device.queues().iter().position(|q| q.ready() && !q.is_valid(&mem)) {
-                Some(index) => Err(super::device::ActivateError::InvalidQueue(index)),
-                None if device.is_activated() => Ok(()),
-                None => device.activate(mem),
-            }
-        };
-        if let Err(e) = result {
+        let mut device = self.locked_device();
+        match device.queues().iter().position(|q| q.ready() && !q.is_valid(&mem)) {
+            Some(index) => Err(super::device::ActivateError::InvalidQueue(index)),
+            None if device.is_activated() => Ok(()),
+            None => device.activate(mem),
+        }
+    }
+
+    fn activate(&mut self) {
+        if let Err(e) = self.try_activate() {
             log::error!("cannot activate virtio device: {e}");
             self.device_status |= status::DEVICE_NEEDS_RESET;
-            self.config_generation = self.config_generation.wrapping_add(1);
-            if let Err(e) = self.locked_device().interrupt().signal_config_change() {
+            if let Err(e) = self.config_changed() {
                 log::error!("cannot signal the configuration change: {e}");
             }
         }
+    }
+
+    /// Activate a device restored with DRIVER_OK in its status.
+    pub(super) fn activate_restored(&mut self) -> Result<(), String> {
+        self.try_activate().map_err(|e| e.to_string())
+    }
+
+    /// Tell the driver the configuration space changed (a new generation).
+    pub(super) fn config_changed(&mut self) -> std::io::Result<()> {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.locked_device().interrupt().signal_config_change()
+    }
+
+    /// The transport's own registers, for a snapshot.
+    pub(super) fn registers(&self) -> TransportRegisters {
+        TransportRegisters {
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            device_status: self.device_status,
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Set the transport's own registers from a snapshot.
+    pub(super) fn set_registers(&mut self, regs: &TransportRegisters) {
+        self.device_features_select = regs.device_features_select;
+        self.driver_features_select = regs.driver_features_select;
+        self.queue_select = regs.queue_select;
+        self.device_status = regs.device_status;
+        self.config_generation = regs.config_generation;
     }
 
     fn reset(&mut self) {

@@ -4,6 +4,7 @@ pub mod block;
 pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod state;
 pub mod vsock;
 
 #[cfg(test)]

@@ -295,6 +295,12 @@ impl VirtioDevice for Block {
         self.mem.is_some()
     }
 
+    /// The restored VM's disk may not be the one saved (a VM saved with an empty disk is given
+    /// its real one): the driver reads the capacity again.
+    fn restored(&mut self) -> bool {
+        true
+    }
+
     fn reset(&mut self) {
         self.mem = None;
         self.acked_features = 0;

@@ -23,8 +23,10 @@ use crate::memory::GuestMemoryMmap;
 pub const RX_QUEUE: usize = 0;
 /// Index of the queue the guest puts its packets in.
 pub const TX_QUEUE: usize = 1;
-/// Index of the event queue (transport resets; accepted, never used).
+/// Index of the event queue (transport resets, sent after a restore).
 pub const EVENT_QUEUE: usize = 2;
+/// The event that tells the driver its transport was reset (virtio 1.2 section 5.10.6.5).
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Entries of the TX and event queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// Entries of the RX queue. Linux keeps it full of 4 KiB buffers it allocates up front, so
@@ -208,6 +210,33 @@ impl Vsock {
         }
     }
 
+    /// Tell the driver, through a buffer of the event queue, that the transport was reset:
+    /// the guest then drops its connections, whose host side a restored device does not have
+    /// (listening sockets stay). A guest with no event buffer left is only warned about.
+    fn send_transport_reset(&mut self) {
+        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(EVENT_QUEUE)) else {
+            return;
+        };
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            log::warn!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = chain
+            .into_iter()
+            .find(|d| d.is_write_only() && d.len() as usize >= event.len())
+            .and_then(|d| vm_memory::Bytes::write_slice(mem, &event, d.addr()).ok())
+            .map_or(0, |()| event.len() as u32);
+        if written == 0 {
+            log::warn!("vsock: the event buffer cannot hold the transport reset");
+        }
+        if let Err(e) = queue.add_used(mem, head, written) {
+            log::warn!("vsock: cannot return the event buffer: {e}");
+        }
+        self.signal_used(EVENT_QUEUE);
+    }
+
     fn signal_used(&mut self, index: usize) {
         let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(index)) else {
             return;
@@ -326,6 +355,11 @@ impl VirtioDevice for Vsock {
 
     fn is_activated(&self) -> bool {
         self.mem.is_some()
+    }
+
+    fn restored(&mut self) -> bool {
+        self.send_transport_reset();
+        false
     }
 
     fn reset(&mut self) {
