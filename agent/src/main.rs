@@ -18,6 +18,7 @@ mod args;
 mod channel;
 mod clock;
 mod container;
+mod entropy;
 mod error;
 mod init;
 mod listen;

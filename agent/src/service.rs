@@ -373,6 +373,15 @@ impl Agent for Service {
         reply("SetTime", r).map(|_| pb::Empty::new())
     }
 
+    fn add_entropy(
+        &self,
+        _: &TtrpcContext,
+        req: pb::AddEntropyRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        let r = self.guest_only("AddEntropy").and_then(|()| crate::entropy::add(&req.data));
+        reply("AddEntropy", r).map(|()| pb::Empty::new())
+    }
+
     fn shutdown(&self, _: &TtrpcContext, req: pb::ShutdownRequest) -> ttrpc::Result<pb::Empty> {
         if req.when_idle {
             log::info!("shutdown requested once no container is left");

@@ -163,5 +163,7 @@ fn an_agent_that_is_not_pid_1_leaves_the_hosts_settings_alone() {
     refused(set_time(&agent, -3600));
     refused(update_interface(&agent, interface(MAC, "eth0", 1400, &[])));
     refused(update_routes(&agent, vec![route("", "10.1.0.1", "eth0")]));
+    let entropy = pb::AddEntropyRequest { data: vec![7; 64], ..Default::default() };
+    refused(agent.client.add_entropy(ctx(), &entropy));
     agent.shutdown();
 }

@@ -130,7 +130,8 @@ mod tests {
         let methods = agent_ttrpc::create_agent(service);
         assert!(methods.contains_key("/husk.agent.v1.Agent/CreateContainer"));
         assert!(methods.contains_key("/husk.agent.v1.Agent/WaitProcess"));
-        assert_eq!(methods.len(), 21);
+        assert!(methods.contains_key("/husk.agent.v1.Agent/AddEntropy"));
+        assert_eq!(methods.len(), 22);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{open, OFlag};
 use nix::mount::{umount2, MntFlags, MsFlags};
@@ -115,12 +116,41 @@ fn mount_rootfs(c: &CreateSetup, root: &Path) -> Result<(), String> {
             if mode == RootfsMode::Overlay {
                 mkdir(&lower)?;
             }
+            wait_for_capacity(device, DISK_CAPACITY_TIMEOUT)?;
             mount(Some(device), target, Some(fstype), flags, None)?;
             if mode == RootfsMode::Overlay {
                 overlay(&c.staging, &lower, root)?;
             }
             Ok(())
         }
+    }
+}
+
+/// How long a disk may take to show its capacity.
+const DISK_CAPACITY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wait until block device `device` (/dev/NAME) has a size: a guest restored from a snapshot
+/// taken with an empty disk learns its disk's capacity from a configuration change, which its
+/// kernel handles on a work queue, shortly after the restore.
+fn wait_for_capacity(device: &Path, timeout: Duration) -> Result<(), String> {
+    let Some(name) = device.file_name() else {
+        return Err(format!("{} is not a device path", device.display()));
+    };
+    let size = Path::new("/sys/class/block").join(name).join("size");
+    let start = Instant::now();
+    loop {
+        let sectors = std::fs::read_to_string(&size)
+            .map_err(|e| format!("{}: {e}", size.display()))?
+            .trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{}: {e}", size.display()))?;
+        if sectors > 0 {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!("{} is empty (no capacity after {timeout:?})", device.display()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
