@@ -266,6 +266,7 @@ mod tests {
             log_level: log::LevelFilter::Warn,
             cache_dir: "/c".into(),
             boot_timeout: std::time::Duration::from_secs(1),
+            vm_templates: true,
         };
         let bundle = |spec: &Value| Bundle {
             dir: "/b".into(),

@@ -24,6 +24,7 @@ mod terminal;
 mod threads;
 mod vm_process;
 mod vm_run;
+mod vm_template;
 
 use clap::Parser;
 

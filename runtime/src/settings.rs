@@ -35,6 +35,9 @@ pub struct ConfigFile {
     pub cache_dir: Option<PathBuf>,
     /// How long a guest may take to boot and answer, in seconds.
     pub boot_timeout_secs: Option<u64>,
+    /// Restore container VMs from a saved, booted guest instead of booting each (default
+    /// true; `HUSK_VM_TEMPLATES=0` turns it off).
+    pub vm_templates: Option<bool>,
 }
 
 /// Overrides from global flags.
@@ -55,6 +58,7 @@ pub struct Settings {
     pub log_level: log::LevelFilter,
     pub cache_dir: PathBuf,
     pub boot_timeout: std::time::Duration,
+    pub vm_templates: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,8 @@ pub enum SettingsError {
         "invalid log level {0:?} (log_level or HUSK_LOG: expected error, warn, info or debug)"
     )]
     LogLevel(String),
+    #[error("invalid HUSK_VM_TEMPLATES {0:?} (expected 0 or 1)")]
+    VmTemplates(String),
     #[error(
         "no guest {what}: none at {default} (installed by `make install`); set {env}, \
          --{flag} or `{flag}` in {config}"
@@ -146,7 +152,21 @@ impl Settings {
                 .or(file.cache_dir)
                 .unwrap_or_else(|| "/var/lib/husk/images".into()),
             boot_timeout: std::time::Duration::from_secs(file.boot_timeout_secs.unwrap_or(120)),
+            vm_templates: env_vm_templates()?.or(file.vm_templates).unwrap_or(true),
         })
+    }
+}
+
+/// Whether `HUSK_VM_TEMPLATES` asks for VM templates, if it is set (and not empty).
+fn env_vm_templates() -> Result<Option<bool>, SettingsError> {
+    match std::env::var("HUSK_VM_TEMPLATES") {
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => match v.as_str() {
+            "1" | "true" => Ok(Some(true)),
+            "0" | "false" => Ok(Some(false)),
+            _ => Err(SettingsError::VmTemplates(v)),
+        },
+        Err(_) => Ok(None),
     }
 }
 

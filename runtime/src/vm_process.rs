@@ -30,6 +30,7 @@ use crate::host_cgroup;
 use crate::network::{self, GuestNetwork, Network, NetworkRecord, Placement};
 use crate::session::{Session, TerminalMode};
 use crate::settings::Settings;
+use crate::vm_template;
 
 /// The guest's context id on its vsock device.
 const GUEST_CID: u64 = 3;
@@ -144,7 +145,18 @@ pub fn boot_and_create(
     let ready = agent::ReadySignal::listen(vsock_socket.path())
         .map_err(|e| log::debug!("no readiness socket for the agent: {e}"))
         .ok();
-    let vm = MicroVm::new(&config).context("cannot start the micro-VM")?;
+    // Containers with NICs boot: their guest finds its NICs by MAC, which a template's would
+    // not have.
+    let template = match settings.vm_templates && config.nets.is_empty() {
+        true => Some(vm_template::ready(settings, &config)?),
+        false => None,
+    };
+    let vm = match &template {
+        Some(dir) => MicroVm::restore(&config, dir).with_context(|| {
+            format!("cannot restore the micro-VM from the template {}", dir.display())
+        })?,
+        None => MicroVm::new(&config).context("cannot start the micro-VM")?,
+    };
     let stop = vm.stop_event().context("cannot create the VM's stop event")?;
     let zero_pages = vm.zero_page_reclaim().context("cannot create the VM's reclaim event")?;
     let thread = crate::threads::try_spawn("vmm", move || vm.run())
@@ -160,14 +172,20 @@ pub fn boot_and_create(
             console_path(dir).display()
         )
     })?;
+    if template.is_some() {
+        add_guest_entropy(&client)?;
+    }
     set_guest_clock(&client);
     if let Some(network) = &network {
         configure_guest_network(&client, &network.guest)?;
     }
     create_container(&client, record, bundle)?;
     // The guest has booted and made the container: what its boot left zeroed goes back now.
-    if let Err(e) = vm.zero_pages.request() {
-        log::warn!("cannot ask for the guest's zero pages: {e}");
+    // (A restored guest's memory is the template's file, which the reclaim leaves alone.)
+    if template.is_none() {
+        if let Err(e) = vm.zero_pages.request() {
+            log::warn!("cannot ask for the guest's zero pages: {e}");
+        }
     }
     let session = Session::attach(client.clone(), &vsock, &record.id, "", terminal, control_tty)?;
     Ok(CreatedContainer { client, session, vm, network: network.map(|n| n.record) })
@@ -241,6 +259,23 @@ fn configure_guest_network(client: &AgentClient, guest: &GuestNetwork) -> anyhow
         .update_routes(ctx(), &req)
         .map(drop)
         .map_err(|e| anyhow!("cannot set the guest's routes: {}", describe(&e)))
+}
+
+/// How many random bytes a restored guest gets from the host.
+const ENTROPY_BYTES: usize = 64;
+
+/// Give a guest restored from a template randomness of its own: its random number generator
+/// is the template's, as is every other guest's restored from it.
+fn add_guest_entropy(client: &AgentClient) -> anyhow::Result<()> {
+    let mut req = pb::AddEntropyRequest::new();
+    req.data = vec![0; ENTROPY_BYTES];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut req.data))
+        .context("cannot read host randomness")?;
+    client
+        .add_entropy(ctx(), &req)
+        .map(drop)
+        .map_err(|e| anyhow!("cannot reseed the guest's random number generator: {}", describe(&e)))
 }
 
 /// Give the guest the host's time: its clock starts from the RTC-less boot's guess.

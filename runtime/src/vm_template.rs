@@ -1,0 +1,165 @@
+//! VM templates: a guest booted to its agent once and saved (see the VMM's `snapshot`
+//! module), from which every container VM of the same kind is restored instead of booting,
+//! as Kata's VM templates and Firecracker's snapshots do. The kind is everything a guest is
+//! booted with: kernel, initramfs, command line, memory, vCPUs and the devices' layout (the
+//! template's rootfs disk is empty; the restored VM's is the container's, which its guest
+//! learns from a configuration change). Restored guests share the template's memory file
+//! through the page cache until they write a page.
+//!
+//! A template lives in `<cache>/templates/<key>/`, made under a name of its own and renamed
+//! into place, so that concurrent creates never see half a template (the last rename wins, the
+//! others are removed). Templates not used for a while are removed once a new one is made.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, Context};
+use husk_agent_protocol::hybrid_vsock::SocketPath;
+use sha2::{Digest, Sha256};
+use vmm::config::{ConsoleOutput, VmConfig};
+use vmm::devices::virtio::block::BlockConfig;
+use vmm::micro_vm::MicroVm;
+use vmm::snapshot::STATE_FILE;
+
+use crate::agent;
+use crate::settings::Settings;
+
+/// How long a template must have gone unused to be removed.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+/// How much of a failed template boot's console an error quotes.
+const CONSOLE_TAIL: u64 = 2048;
+
+/// The directory of the template for VMs of `config`, made now if there is none.
+pub fn ready(settings: &Settings, config: &VmConfig) -> anyhow::Result<PathBuf> {
+    let root = settings.cache_dir.join("templates");
+    let key = key(config)?;
+    let dir = root.join(&key);
+    if dir.join(STATE_FILE).is_file() {
+        // Its modification time says when it was last used (see `remove_stale`).
+        let _ = File::open(&dir).and_then(|d| d.set_modified(SystemTime::now()));
+        return Ok(dir);
+    }
+    fs::create_dir_all(&root)
+        .with_context(|| format!("cannot create the template directory {}", root.display()))?;
+    let partial = root.join(format!(".{key}.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&partial);
+    fs::create_dir(&partial)
+        .with_context(|| format!("cannot create the template directory {}", partial.display()))?;
+    let made = make(settings, config, &partial).and_then(|()| {
+        fs::rename(&partial, &dir).or_else(|e| match dir.join(STATE_FILE).is_file() {
+            // Another create made it first: theirs is as good.
+            true => Ok(()),
+            false => {
+                Err(e).with_context(|| format!("cannot move the template to {}", dir.display()))
+            }
+        })
+    });
+    let _ = fs::remove_dir_all(&partial);
+    made?;
+    remove_stale(&root, &key);
+    Ok(dir)
+}
+
+/// The template's name: a digest of what the guest boots with and of this husk binary (whose
+/// VMM wrote the device state), the host side of the devices left out.
+fn key(config: &VmConfig) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("cannot find the husk binary")?;
+    let meta = fs::metadata(&exe).with_context(|| format!("cannot read {}", exe.display()))?;
+    let mut h = Sha256::new();
+    for part in [
+        config.kernel.display().to_string(),
+        config.initrd.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        config.extra_cmdline.clone(),
+        format!("{} MiB, {} vCPUs", config.mem_mib, config.vcpus),
+        format!("small boot pages {}", config.small_boot_pages),
+        format!("disks {:?}", config.disks.iter().map(|d| d.read_only).collect::<Vec<_>>()),
+        format!("nets {}", config.nets.len()),
+        format!("vsock {:?}", config.vsock.as_ref().map(|v| v.guest_cid)),
+        format!("husk {}:{}:{}:{}", meta.dev(), meta.ino(), meta.size(), meta.mtime_nsec()),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    Ok(h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// Boot a VM of `config` with empty disks in `dir`, wait for its agent, save it there.
+fn make(settings: &Settings, config: &VmConfig, dir: &Path) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let empty = dir.join("empty-disk");
+    File::create(&empty).with_context(|| format!("cannot create {}", empty.display()))?;
+    let console = dir.join("console");
+    let vsock = SocketPath::new(&dir.join("vsock.sock"))
+        .with_context(|| format!("cannot open the template directory {}", dir.display()))?;
+    let mut template = config.clone();
+    template.disks = config
+        .disks
+        .iter()
+        .map(|d| BlockConfig { path: empty.clone(), read_only: d.read_only, id: None })
+        .collect();
+    template.console.output = ConsoleOutput::File(console.clone());
+    if let Some(v) = template.vsock.as_mut() {
+        v.uds_path = vsock.path().to_path_buf();
+    }
+    let ready = agent::ReadySignal::listen(vsock.path()).ok();
+    let vm = MicroVm::new(&template).context("cannot start the template VM")?;
+    let stop = vm.stop_event().context("cannot create the VM's stop event")?;
+    let snapshot = vm.snapshot_handle().context("cannot create the VM's snapshot event")?;
+    let thread = crate::threads::try_spawn("vmm", move || vm.run())
+        .context("cannot start the VMM thread")?;
+    let running = || !thread.is_finished();
+    let client = agent::wait_ready(vsock.path(), settings.boot_timeout, ready.as_ref(), running);
+    let answered = client.is_some();
+    drop(client);
+    let saved = answered.then(|| snapshot.take(dir));
+    let _ = stop.write(1);
+    let ended = thread.join();
+    match saved {
+        None => Err(anyhow!(
+            "the template VM's agent did not answer (its console: {})",
+            console_tail(&console)
+        )),
+        Some(Err(e)) => Err(e).context("cannot save the template VM"),
+        Some(Ok(())) => {
+            if let Ok(Err(e)) = ended {
+                log::debug!("the template VM ended with: {e}");
+            }
+            log::debug!("VM template {} made in {:?}", dir.display(), start.elapsed());
+            Ok(())
+        }
+    }
+}
+
+/// The end of a console file, for an error message.
+fn console_tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL)));
+        let _ = f.read_to_string(&mut text);
+    }
+    match text.trim() {
+        "" => "empty".into(),
+        t => t.to_string(),
+    }
+}
+
+/// Remove the templates in `root` other than `current` unused for long.
+fn remove_stale(root: &Path, current: &str) {
+    let Ok(entries) = fs::read_dir(root) else { return };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        if entry.file_name() == current {
+            continue;
+        }
+        let used = entry.metadata().and_then(|m| m.modified());
+        if used.is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > STALE_AFTER)) {
+            if let Err(e) = fs::remove_dir_all(entry.path()) {
+                log::debug!("removing the old template {}: {e}", entry.path().display());
+            }
+        }
+    }
+}
