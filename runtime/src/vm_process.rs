@@ -272,10 +272,11 @@ fn add_guest_entropy(client: &AgentClient) -> anyhow::Result<()> {
     File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut req.data))
         .context("cannot read host randomness")?;
-    client
-        .add_entropy(ctx(), &req)
-        .map(drop)
-        .map_err(|e| anyhow!("cannot reseed the guest's random number generator: {}", describe(&e)))
+    client.add_entropy(ctx(), &req).map_err(|e| {
+        anyhow!("cannot reseed the guest's random number generator: {}", describe(&e))
+    })?;
+    log::debug!("the guest's random number generator reseeded with {ENTROPY_BYTES} host bytes");
+    Ok(())
 }
 
 /// Give the guest the host's time: its clock starts from the RTC-less boot's guess.

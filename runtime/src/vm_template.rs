@@ -7,8 +7,9 @@
 //! through the page cache until they write a page.
 //!
 //! A template lives in `<cache>/templates/<key>/`, made under a name of its own and renamed
-//! into place, so that concurrent creates never see half a template (the last rename wins, the
-//! others are removed). Templates not used for a while are removed once a new one is made.
+//! into place, so that no create ever sees half a template; creates that need one that is
+//! being made wait for it (the flock of `<cache>/templates/.<key>.lock`) instead of each
+//! booting its own. Templates not used for a while are removed once a new one is made.
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
@@ -37,28 +38,30 @@ pub fn ready(settings: &Settings, config: &VmConfig) -> anyhow::Result<PathBuf> 
     let root = settings.cache_dir.join("templates");
     let key = key(config)?;
     let dir = root.join(&key);
-    if dir.join(STATE_FILE).is_file() {
+    let made = || dir.join(STATE_FILE).is_file();
+    if made() {
         // Its modification time says when it was last used (see `remove_stale`).
         let _ = File::open(&dir).and_then(|d| d.set_modified(SystemTime::now()));
         return Ok(dir);
     }
     fs::create_dir_all(&root)
         .with_context(|| format!("cannot create the template directory {}", root.display()))?;
+    let lock_path = root.join(format!(".{key}.lock"));
+    let _lock = crate::rootfs_image::lock(&lock_path, true)
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    if made() {
+        return Ok(dir);
+    }
     let partial = root.join(format!(".{key}.{}", std::process::id()));
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir(&partial)
         .with_context(|| format!("cannot create the template directory {}", partial.display()))?;
-    let made = make(settings, config, &partial).and_then(|()| {
-        fs::rename(&partial, &dir).or_else(|e| match dir.join(STATE_FILE).is_file() {
-            // Another create made it first: theirs is as good.
-            true => Ok(()),
-            false => {
-                Err(e).with_context(|| format!("cannot move the template to {}", dir.display()))
-            }
-        })
+    let result = make(settings, config, &partial).and_then(|()| {
+        fs::rename(&partial, &dir)
+            .with_context(|| format!("cannot move the template to {}", dir.display()))
     });
     let _ = fs::remove_dir_all(&partial);
-    made?;
+    result?;
     remove_stale(&root, &key);
     Ok(dir)
 }
@@ -147,17 +150,24 @@ fn console_tail(path: &Path) -> String {
     }
 }
 
-/// Remove the templates in `root` other than `current` unused for long.
+/// Remove the templates in `root` other than `current` unused for long, their locks, and what
+/// a create killed while it made one left.
 fn remove_stale(root: &Path, current: &str) {
     let Ok(entries) = fs::read_dir(root) else { return };
     let now = SystemTime::now();
     for entry in entries.flatten() {
-        if entry.file_name() == current {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == current || name == format!(".{current}.lock") {
             continue;
         }
-        let used = entry.metadata().and_then(|m| m.modified());
+        let Ok(meta) = entry.metadata() else { continue };
+        let used = meta.modified();
         if used.is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > STALE_AFTER)) {
-            if let Err(e) = fs::remove_dir_all(entry.path()) {
+            let removed = match meta.is_dir() {
+                true => fs::remove_dir_all(entry.path()),
+                false => fs::remove_file(entry.path()),
+            };
+            if let Err(e) = removed {
                 log::debug!("removing the old template {}: {e}", entry.path().display());
             }
         }

@@ -336,7 +336,7 @@ fn make_link(image: &Path, link: &Path) -> Result<bool> {
 
 /// Take the flock(2) of `path` (created if needed), waiting for it if `wait`, else None if
 /// someone else holds it. The lock lasts as long as the returned file is open.
-fn lock(path: &Path, wait: bool) -> io::Result<Option<File>> {
+pub(crate) fn lock(path: &Path, wait: bool) -> io::Result<Option<File>> {
     let file = OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
     let op = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
     loop {
