@@ -147,15 +147,9 @@ pub fn boot_and_create(
         .ok();
     // Containers with NICs boot: their guest finds its NICs by MAC, which a template's would
     // not have.
-    let template = match settings.vm_templates && config.nets.is_empty() {
-        true => Some(vm_template::ready(settings, &config)?),
-        false => None,
-    };
-    let vm = match &template {
-        Some(dir) => MicroVm::restore(&config, dir).with_context(|| {
-            format!("cannot restore the micro-VM from the template {}", dir.display())
-        })?,
-        None => MicroVm::new(&config).context("cannot start the micro-VM")?,
+    let (vm, template) = match settings.vm_templates && config.nets.is_empty() {
+        true => restore_or_boot(settings, &config)?,
+        false => (MicroVm::new(&config).context("cannot start the micro-VM")?, None),
     };
     let stop = vm.stop_event().context("cannot create the VM's stop event")?;
     let zero_pages = vm.zero_page_reclaim().context("cannot create the VM's reclaim event")?;
@@ -189,6 +183,28 @@ pub fn boot_and_create(
     }
     let session = Session::attach(client.clone(), &vsock, &record.id, "", terminal, control_tty)?;
     Ok(CreatedContainer { client, session, vm, network: network.map(|n| n.record) })
+}
+
+/// The VM of `config` restored from its template (made now if there is none), and the
+/// template's directory; where no template can be made or restored from (a KVM that cannot
+/// save some state), a warning and the VM booted instead.
+fn restore_or_boot(
+    settings: &Settings,
+    config: &VmConfig,
+) -> anyhow::Result<(MicroVm, Option<std::path::PathBuf>)> {
+    let restored = vm_template::ready(settings, config).and_then(|dir| {
+        let vm = MicroVm::restore(config, &dir).with_context(|| {
+            format!("cannot restore the micro-VM from the template {}", dir.display())
+        })?;
+        Ok((vm, dir))
+    });
+    match restored {
+        Ok((vm, dir)) => Ok((vm, Some(dir))),
+        Err(e) => {
+            log::warn!("no VM template ({e:#}); booting the guest");
+            Ok((MicroVm::new(config).context("cannot start the micro-VM")?, None))
+        }
+    }
 }
 
 /// Put this process (its main thread: the VMM's threads start from it) where the spec puts

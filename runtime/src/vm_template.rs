@@ -173,3 +173,36 @@ fn remove_stale(root: &Path, current: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_tests::tiny_guest::TempDir;
+
+    fn age(path: &Path, by: Duration) {
+        File::open(path).unwrap().set_modified(SystemTime::now() - by).unwrap();
+    }
+
+    #[test]
+    fn templates_and_leftovers_unused_for_long_go_and_the_current_one_stays() {
+        let tmp = TempDir::new("templates-stale");
+        let root = tmp.path();
+        for dir in ["current", "old", "recent", ".old.1234"] {
+            fs::create_dir(root.join(dir)).unwrap();
+            fs::write(root.join(dir).join(STATE_FILE), "{}").unwrap();
+        }
+        for lock in [".current.lock", ".old.lock"] {
+            fs::write(root.join(lock), "").unwrap();
+        }
+        for name in ["current", ".current.lock", "old", ".old.1234", ".old.lock"] {
+            age(&root.join(name), 2 * STALE_AFTER);
+        }
+        remove_stale(root, "current");
+        let mut left: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".current.lock", "current", "recent"]);
+    }
+}
