@@ -106,6 +106,10 @@ fn ip_from(family: u8, data: &[u8]) -> Option<IpAddr> {
     }
 }
 
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 fn parse_mac(s: &str) -> Result<Vec<u8>> {
     let bytes: Vec<_> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
     match bytes.into_iter().collect::<std::result::Result<Vec<u8>, _>>() {
@@ -144,11 +148,16 @@ fn netlink_error(what: String) -> impl FnOnce(io::Error) -> Error {
     move |e| Error::internal(what, &e)
 }
 
-/// Configure the NIC whose MAC is `iface.mac`: rename it (it must be down for that), set its
-/// MTU, bring it up, then replace its addresses (after the link is up: IPv6 drops a down link's
-/// addresses). The kernel's own IPv6 link-local addresses stay unless asked for.
+/// Configure the NIC whose MAC is `iface.mac` (or `iface.guest_mac`, which it then trades for
+/// `iface.mac`): rename it (it must be down for that), set its MTU, bring it up, then replace
+/// its addresses (after the link is up: IPv6 drops a down link's addresses). The kernel's own
+/// IPv6 link-local addresses stay unless asked for.
 pub fn update_interface(iface: &pb::Interface) -> Result<()> {
     let mac = parse_mac(&iface.mac)?;
+    let found_by = match iface.guest_mac.is_empty() {
+        true => mac.clone(),
+        false => parse_mac(&iface.guest_mac)?,
+    };
     if !iface.name.is_empty() {
         check_name(&iface.name)?;
     }
@@ -161,10 +170,20 @@ pub fn update_interface(iface: &pb::Interface) -> Result<()> {
     let link = links(&mut nl)
         .map_err(|e| Error::internal("listing the NICs", &e))?
         .into_iter()
-        .find(|l| l.mac == mac)
-        .ok_or_else(|| Error::NotFound(format!("no NIC with MAC {}", iface.mac)))?;
+        .find(|l| l.mac == found_by)
+        .ok_or_else(|| Error::NotFound(format!("no NIC with MAC {}", mac_text(&found_by))))?;
     let index = link.index;
     let mut name = link.name;
+    if found_by != mac {
+        if link.flags & IFF_UP != 0 {
+            nl.request(netlink::RTM_NEWLINK, 0, &ifinfomsg(index, 0, IFF_UP))
+                .map_err(netlink_error(format!("taking {name} down to set its MAC")))?;
+        }
+        let mut body = ifinfomsg(index, 0, 0);
+        put_attr(&mut body, IFLA_ADDRESS, &mac);
+        nl.request(netlink::RTM_NEWLINK, 0, &body)
+            .map_err(netlink_error(format!("setting the MAC of {name} to {}", iface.mac)))?;
+    }
     if !iface.name.is_empty() && iface.name != name {
         if link.flags & IFF_UP != 0 {
             nl.request(netlink::RTM_NEWLINK, 0, &ifinfomsg(index, 0, IFF_UP))

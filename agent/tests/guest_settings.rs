@@ -126,6 +126,19 @@ fn nic_addresses_and_routes_in_the_guests_namespace() {
     assert!(msg.contains("eth7"), "{msg}");
     assert!(!ip(&agent, &["-4", "route", "show"]).contains("10.5.0.0"));
 
+    // A NIC found by the MAC it has (a restored template's) takes the one asked for, here
+    // while up (as an interface that was configured before is).
+    let mut iface = interface("02:00:0a:01:00:07", "eth0", 0, &[("10.1.0.3", 24)]);
+    iface.guest_mac = MAC.into();
+    update_interface(&agent, iface).unwrap();
+    let link = ip(&agent, &["-o", "link", "show", "eth0"]);
+    assert!(link.contains("link/ether 02:00:0a:01:00:07") && link.contains(",UP"), "{link}");
+    let mut iface = interface("02:00:0a:01:00:08", "", 0, &[]);
+    iface.guest_mac = MAC.into();
+    let (code, msg) = status(update_interface(&agent, iface).unwrap_err());
+    assert_eq!(code, ttrpc::Code::NOT_FOUND, "{msg}");
+    assert!(msg.contains(MAC), "the MAC it looked for: {msg}");
+
     // The guest's NICs in a container's stats: the agent's sysfs is its namespace's.
     let rootfs = busybox_rootfs();
     agent

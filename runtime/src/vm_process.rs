@@ -145,9 +145,7 @@ pub fn boot_and_create(
     let ready = agent::ReadySignal::listen(vsock_socket.path())
         .map_err(|e| log::debug!("no readiness socket for the agent: {e}"))
         .ok();
-    // Containers with NICs boot: their guest finds its NICs by MAC, which a template's would
-    // not have.
-    let (vm, template) = match settings.vm_templates && config.nets.is_empty() {
+    let (vm, template) = match settings.vm_templates {
         true => restore_or_boot(settings, &config)?,
         false => (MicroVm::new(&config).context("cannot start the micro-VM")?, None),
     };
@@ -171,7 +169,7 @@ pub fn boot_and_create(
     }
     set_guest_clock(&client);
     if let Some(network) = &network {
-        configure_guest_network(&client, &network.guest)?;
+        configure_guest_network(&client, &network.guest, template.is_some())?;
     }
     create_container(&client, record, bundle)?;
     // The guest has booted and made the container: what its boot left zeroed goes back now.
@@ -240,12 +238,21 @@ fn join_network(dir: &Path, record: &Record, bundle: &Bundle) -> anyhow::Result<
     Ok(Some(network))
 }
 
-/// Give the guest NICs the addresses, MTU and routes of the interfaces they took over.
-fn configure_guest_network(client: &AgentClient, guest: &GuestNetwork) -> anyhow::Result<()> {
-    for nic in &guest.interfaces {
+/// Give the guest NICs the MACs, addresses, MTU and routes of the interfaces they took over;
+/// a guest `restored` from a VM template has the template's NICs, found by their MACs.
+fn configure_guest_network(
+    client: &AgentClient,
+    guest: &GuestNetwork,
+    restored: bool,
+) -> anyhow::Result<()> {
+    let text = |mac: &[u8]| mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    for (index, nic) in guest.interfaces.iter().enumerate() {
         let mut req = pb::UpdateInterfaceRequest::new();
         let i = req.interface.mut_or_insert_default();
-        i.mac = nic.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        i.mac = text(&nic.mac);
+        if restored {
+            i.guest_mac = text(&vm_template::nic_mac(index));
+        }
         i.name = nic.name.clone();
         if nic.mtu > MAX_GUEST_MTU {
             log::warn!("{}: MTU {} capped to {MAX_GUEST_MTU} in the guest", nic.name, nic.mtu);

@@ -3,8 +3,9 @@
 //! as Kata's VM templates and Firecracker's snapshots do. The kind is everything a guest is
 //! booted with: kernel, initramfs, command line, memory, vCPUs and the devices' layout (the
 //! template's rootfs disk is empty; the restored VM's is the container's, which its guest
-//! learns from a configuration change). Restored guests share the template's memory file
-//! through the page cache until they write a page.
+//! learns from a configuration change; the template's NICs have MACs of their own,
+//! [`nic_mac`], which the agent trades for the container's). Restored guests share the
+//! template's memory file through the page cache until they write a page.
 //!
 //! A template lives in `<cache>/templates/<key>/`, made under a name of its own and renamed
 //! into place, so that no create ever sees half a template; creates that need one that is
@@ -13,7 +14,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +23,7 @@ use husk_agent_protocol::hybrid_vsock::SocketPath;
 use sha2::{Digest, Sha256};
 use vmm::config::{ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;
+use vmm::devices::virtio::net::NetConfig;
 use vmm::micro_vm::MicroVm;
 use vmm::snapshot::STATE_FILE;
 
@@ -32,6 +34,12 @@ use crate::settings::Settings;
 const STALE_AFTER: Duration = Duration::from_secs(3600);
 /// How much of a failed template boot's console an error quotes.
 const CONSOLE_TAIL: u64 = 2048;
+
+/// The MAC of a template's NIC `index` (locally administered: "husk" and the index), which
+/// every guest restored from it has until the agent is told the container's.
+pub fn nic_mac(index: usize) -> [u8; 6] {
+    [0x02, b'h', b'u', b's', b'k', index as u8]
+}
 
 /// The directory of the template for VMs of `config`, made now if there is none.
 pub fn ready(settings: &Settings, config: &VmConfig) -> anyhow::Result<PathBuf> {
@@ -54,7 +62,11 @@ pub fn ready(settings: &Settings, config: &VmConfig) -> anyhow::Result<PathBuf> 
     }
     let partial = root.join(format!(".{key}.{}", std::process::id()));
     let _ = fs::remove_dir_all(&partial);
-    fs::create_dir(&partial)
+    // Only root reads a template: its memory is a guest kernel's, random generator state
+    // included (each restored guest is reseeded, but its first moments are the template's).
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&partial)
         .with_context(|| format!("cannot create the template directory {}", partial.display()))?;
     let result = make(settings, config, &partial).and_then(|()| {
         fs::rename(&partial, &dir)
@@ -102,6 +114,13 @@ fn make(settings: &Settings, config: &VmConfig, dir: &Path) -> anyhow::Result<()
         .disks
         .iter()
         .map(|d| BlockConfig { path: empty.clone(), read_only: d.read_only, id: None })
+        .collect();
+    // The container's taps serve the template's boot: its guest does not bring its NICs up.
+    template.nets = config
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NetConfig { tap_name: n.tap_name.clone(), mac: Some(nic_mac(i)) })
         .collect();
     template.console.output = ConsoleOutput::File(console.clone());
     if let Some(v) = template.vsock.as_mut() {

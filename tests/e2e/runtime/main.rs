@@ -465,16 +465,17 @@ fn a_container_in_a_network_namespace_reaches_outside_through_the_tap() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"), "filters are gone");
-    // A guest with NICs boots (a template's NICs would not have the veth's MAC); once the
-    // container was made, its VM gave the host the guest's pages of zeros (about 3 MiB of a
-    // fresh guest), and the guest ran on.
+    // The guest was restored from a VM template, whose NIC the agent gave the veth's MAC (the
+    // address the reply came from is the veth's, and the guest printed its link).
     let log = std::fs::read_to_string(husk.log()).unwrap();
-    assert!(!log.contains("micro-VM restored"), "{log}");
-    let given_back = log.lines().find_map(|line| {
-        let kib = line.split("gave back ").nth(1)?.split(' ').next()?;
-        kib.parse::<u64>().ok()
-    });
-    assert!(given_back.is_some_and(|kib| kib >= 1024), "zero pages given back: {given_back:?}");
+    assert!(log.contains("micro-VM restored"), "{log}");
+    let mac = std::process::Command::new("ip")
+        .args(["-n", &netns.name, "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let mac = String::from_utf8_lossy(&mac.stdout);
+    let mac = mac.split("link/ether ").nth(1).and_then(|m| m.split(' ').next()).unwrap();
+    assert!(stdout.contains(&format!("link/ether {mac}")), "the guest NIC has {mac}: {stdout}");
     husk.assert_nothing_left();
 }
 
@@ -485,7 +486,10 @@ fn a_container_in_a_network_namespace_reaches_outside_through_the_tap() {
 #[test]
 fn containers_are_restored_from_one_template_each_with_its_rng_reseeded() {
     let husk = Husk::new();
-    let bundle = husk.bundle("uuid", &["cat", "/proc/sys/kernel/random/uuid"]);
+    let bundle = husk.bundle(
+        "uuid",
+        &["cat", "/proc/sys/kernel/random/uuid", "/proc/sys/kernel/random/boot_id"],
+    );
     let mut uuids = Vec::new();
     for id in ["first", "second", "third"] {
         let out = husk.cmd(&["run", "--bundle", bundle.to_str().unwrap(), id]).output().unwrap();
@@ -504,8 +508,15 @@ fn containers_are_restored_from_one_template_each_with_its_rng_reseeded() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(templates.len(), 1, "one template directory, no partial ones: {templates:?}");
-    assert!(uuids.iter().all(|u| u.len() == 36), "{uuids:?}");
+    // A UUID and the boot id (made at its first read, after the restore) of each.
+    assert!(uuids.iter().all(|u| u.len() == 36 * 2 + 1), "{uuids:?}");
     assert!(uuids[0] != uuids[1] && uuids[1] != uuids[2] && uuids[0] != uuids[2], "{uuids:?}");
+    let boot_ids: Vec<&str> = uuids.iter().map(|u| &u[37..]).collect();
+    assert!(boot_ids[0] != boot_ids[1] && boot_ids[1] != boot_ids[2], "{boot_ids:?}");
+    let mode = std::fs::metadata(husk.dir().join("cache/templates").join(&templates[0]))
+        .unwrap()
+        .permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o700, "root's only");
 
     let out = husk
         .cmd(&["run", "--bundle", bundle.to_str().unwrap(), "booted"])
@@ -516,6 +527,16 @@ fn containers_are_restored_from_one_template_each_with_its_rng_reseeded() {
     let log = std::fs::read_to_string(husk.log()).unwrap();
     assert_eq!(log.matches("micro-VM restored").count(), 3, "the fourth booted: {log}");
     assert_eq!(log.matches("micro-VM built in").count(), 2, "{log}");
+    // Once its container was made, the booted guest's VM gave the host the pages its boot left
+    // zeroed (about 3 MiB of a fresh guest; a restored guest's memory is the template's file).
+    let given_back: Vec<u64> = log
+        .lines()
+        .filter_map(|line| line.split("gave back ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        given_back.len() == 1 && given_back[0] >= 1024,
+        "zero pages given back: {given_back:?}"
+    );
     husk.assert_nothing_left();
 }
 
