@@ -695,3 +695,43 @@ fn disks_are_independent() {
     assert_eq!(a.image_bytes()[..512], [0xaa; 512]);
     assert_eq!(b.image_bytes(), fresh_image_bytes());
 }
+
+/// A disk saved empty and restored with an image of its own (as a VM template's rootfs disk
+/// is): activated again, it tells the driver its configuration changed (a new generation and
+/// the config interrupt), and the capacity the driver reads then is the new image's; a device
+/// of another type does not take the saved state.
+#[test]
+fn a_restored_disk_has_the_driver_read_its_capacity_again() {
+    let empty = TempFile::new().unwrap();
+    let mut h = Harness::with_image(empty, true, None);
+    h.activate();
+    let generation = read_reg(&mut h.transport, 0xfc);
+    let saved = h.transport.snapshot();
+
+    let mut restored = Harness::new(true);
+    restored.transport.restore(&saved).expect("the saved state fits");
+    assert!(restored.block.lock().unwrap().is_activated());
+    assert_eq!(read_reg(&mut restored.transport, 0xfc), generation.wrapping_add(1));
+    assert_eq!(read_reg(&mut restored.transport, 0x60) & 2, 2, "the config interrupt");
+    let mut capacity = [0u8; 8];
+    restored.transport.read(0x100, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), SECTORS);
+    // The restored queue is the saved one: a request the driver makes now is served.
+    let data = restored.buffer(512, 0);
+    let sent = restored.send(VIRTIO_BLK_T_IN, 0, &[Desc::writable(data, 512)]);
+    restored.queue.publish(sent.head);
+    restored.process();
+    assert_eq!(restored.byte(sent.status), OK);
+    assert_eq!(restored.byte(data + 7), pattern(7));
+
+    let dir = husk_tests::tiny_guest::TempDir::new("restore-mismatch");
+    let vsock = crate::devices::virtio::vsock::VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path().join("v.sock"),
+    };
+    let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let other = crate::devices::virtio::vsock::Vsock::new(vsock, interrupt).unwrap();
+    let mut other = MmioTransport::new(h.mem.clone(), Arc::new(Mutex::new(other)));
+    let err = other.restore(&saved).unwrap_err();
+    assert!(err.to_string().contains("device type"), "{err}");
+}

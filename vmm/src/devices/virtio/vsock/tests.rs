@@ -825,3 +825,30 @@ fn invalid_cids_and_missing_directories_are_refused() {
     let err = Vsock::new(config, interrupt()).unwrap_err();
     assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
 }
+
+/// A vsock device restored from a snapshot of a running one, on the same guest memory with a
+/// socket of its own: activated again with the saved queues, it uses the driver's event
+/// buffer to tell it the transport was reset (event id 0), and interrupts it.
+#[test]
+fn a_restored_device_tells_the_driver_its_transport_was_reset() {
+    let mut h = Harness::new();
+    let event_buf = SCRATCH;
+    h.mem.write_obj(0xffff_ffffu32, GuestAddress(event_buf)).unwrap();
+    let head = h.evq.add_chain(&[crate::devices::virtio::test_utils::Desc::writable(event_buf, 8)]);
+    h.evq.publish(head);
+    let saved = h.transport.snapshot();
+    assert_eq!(h.evq.used_idx(), 0, "a running device leaves the event buffer alone");
+
+    let uds = h.dir.path().join("restored.sock");
+    let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let config = VsockConfig { guest_cid: GUEST_CID, uds_path: uds };
+    let restored = Arc::new(std::sync::Mutex::new(Vsock::new(config, interrupt).unwrap()));
+    let mut transport = crate::devices::virtio::MmioTransport::new(h.mem.clone(), restored.clone());
+    transport.restore(&saved).expect("the saved state fits");
+    assert!(restored.lock().unwrap().is_activated());
+    assert_eq!(read_reg(&mut transport, 0x70) & 0xf, 0xf, "the saved DRIVER_OK status");
+    assert_eq!(h.evq.pop_used(), Some((u32::from(head), 4)), "one event, 4 bytes");
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(event_buf)).unwrap(), 0, "TRANSPORT_RESET");
+    assert_eq!(read_reg(&mut transport, 0x60) & 1, 1, "a used-buffer interrupt");
+    assert!(restored.lock().unwrap().interrupt().irq_evt().read().unwrap() > 0);
+}
