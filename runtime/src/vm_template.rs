@@ -16,7 +16,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context};
 use husk_agent_protocol::hybrid_vsock::SocketPath;
@@ -25,13 +25,15 @@ use vmm::config::{ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;
 use vmm::devices::virtio::net::NetConfig;
 use vmm::micro_vm::MicroVm;
-use vmm::snapshot::STATE_FILE;
+use vmm::snapshot::{SnapshotError, STATE_FILE};
 
 use crate::agent;
 use crate::settings::Settings;
 
 /// How long a template must have gone unused to be removed.
 const STALE_AFTER: Duration = Duration::from_secs(3600);
+/// How long the template VM's vsock connections may take to close before it is saved.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of a failed template boot's console an error quotes.
 const CONSOLE_TAIL: u64 = 2048;
 
@@ -103,7 +105,7 @@ fn key(config: &VmConfig) -> anyhow::Result<String> {
 
 /// Boot a VM of `config` with empty disks in `dir`, wait for its agent, save it there.
 fn make(settings: &Settings, config: &VmConfig, dir: &Path) -> anyhow::Result<()> {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let empty = dir.join("empty-disk");
     File::create(&empty).with_context(|| format!("cannot create {}", empty.display()))?;
     let console = dir.join("console");
@@ -135,8 +137,21 @@ fn make(settings: &Settings, config: &VmConfig, dir: &Path) -> anyhow::Result<()
     let running = || !thread.is_finished();
     let client = agent::wait_ready(vsock.path(), settings.boot_timeout, ready.as_ref(), running);
     let answered = client.is_some();
+    // Closing the client closes its connection; the guest's readiness connection closes as
+    // well. The VM is saved once neither is left (`SnapshotError::Busy` until then).
     drop(client);
-    let saved = answered.then(|| snapshot.take(dir));
+    let saved = answered.then(|| {
+        let deadline = Instant::now() + QUIET_TIMEOUT;
+        loop {
+            match snapshot.take(dir) {
+                Err(SnapshotError::Busy(why)) if Instant::now() < deadline => {
+                    log::debug!("the template VM is not ready to be saved: {why}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => break other,
+            }
+        }
+    });
     let _ = stop.write(1);
     let ended = thread.join();
     match saved {

@@ -660,6 +660,14 @@ struct Snapshotter {
 impl Snapshotter {
     fn save(&self, dir: &Path) -> Result<(), SnapshotError> {
         let start = Instant::now();
+        // Devices run on this thread: what they have now is what is saved.
+        for transport in &self.transports {
+            let device = transport.lock().unwrap_or_else(|e| e.into_inner()).device();
+            let busy = device.lock().unwrap_or_else(|e| e.into_inner()).unsaved_state();
+            if let Some(reason) = busy {
+                return Err(SnapshotError::Busy(reason));
+            }
+        }
         let threads = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         let (paused, mut saved) = self
             .gate
@@ -709,7 +717,8 @@ pub struct SnapshotHandle {
 
 impl SnapshotHandle {
     /// Pause the VM, save it into `dir` (an existing directory, whose snapshot files are
-    /// replaced), and let it go on.
+    /// replaced), and let it go on. [`SnapshotError::Busy`] while a device has host-side
+    /// state the snapshot would lose (a vsock connection still closing).
     pub fn take(&self, dir: &Path) -> Result<(), SnapshotError> {
         let (reply, answer) = mpsc::channel();
         self.requests

@@ -10,10 +10,9 @@
 //! zero). It is taken by [`crate::micro_vm::SnapshotHandle::take`] and restored by
 //! [`crate::micro_vm::MicroVm::restore`], which takes the same [`VmConfig`] the VM was built
 //! from, but for the devices' host side: disk images, taps and the vsock socket are the
-//! restored VM's own. What a device had in flight on its host side is not kept: a restored
-//! vsock device tells the guest its transport was reset (which closes the guest's
-//! connections, as after Firecracker's restore), and a restored disk tells the guest to read
-//! its capacity again, so that a VM saved with an empty disk can be given its real one.
+//! restored VM's own. A VM is saved only while no device has host-side state a snapshot
+//! would lose (a vsock connection: [`SnapshotError::Busy`]); a restored disk tells the guest
+//! to read its capacity again, so that a VM saved with an empty disk can be given its real one.
 //!
 //! The snapshot is trusted as the host's own file (the cache directory it lives in is the
 //! host's); what the guest put in it, like queue addresses, is checked where it is used, as
@@ -62,6 +61,9 @@ pub enum SnapshotError {
     /// The vCPU had an exit to serve when it should only have completed its last one.
     #[error("the vCPU exited while its state was being saved")]
     ExitWhileSaving,
+    /// A device has state the snapshot would lose; try again once it is gone.
+    #[error("a device cannot be saved now: {0}")]
+    Busy(String),
     /// The vCPUs did not pause in time.
     #[error("the vCPUs did not pause for the snapshot")]
     NotPaused,

@@ -140,10 +140,15 @@ pub trait VirtioDevice: Send {
     /// Whether the device has been activated and not reset since.
     fn is_activated(&self) -> bool;
 
+    /// Why the device cannot be saved now, if it cannot: host-side state that a snapshot
+    /// does not keep (open connections) and that the guest has a part of.
+    fn unsaved_state(&self) -> Option<String> {
+        None
+    }
+
     /// A device restored from a snapshot has just been activated again; returns whether its
     /// configuration space may differ from what the driver read before the snapshot (the
-    /// transport then tells the driver so). Devices with host-side state the snapshot does not
-    /// keep (connections) tell the driver here.
+    /// transport then tells the driver so).
     fn restored(&mut self) -> bool {
         false
     }

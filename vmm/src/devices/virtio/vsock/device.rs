@@ -23,10 +23,8 @@ use crate::memory::GuestMemoryMmap;
 pub const RX_QUEUE: usize = 0;
 /// Index of the queue the guest puts its packets in.
 pub const TX_QUEUE: usize = 1;
-/// Index of the event queue (transport resets, sent after a restore).
+/// Index of the event queue (transport resets; accepted, never used).
 pub const EVENT_QUEUE: usize = 2;
-/// The event that tells the driver its transport was reset (virtio 1.2 section 5.10.6.5).
-const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Entries of the TX and event queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// Entries of the RX queue. Linux keeps it full of 4 KiB buffers it allocates up front, so
@@ -210,33 +208,6 @@ impl Vsock {
         }
     }
 
-    /// Tell the driver, through a buffer of the event queue, that the transport was reset:
-    /// the guest then drops its connections, whose host side a restored device does not have
-    /// (listening sockets stay). A guest with no event buffer left is only warned about.
-    fn send_transport_reset(&mut self) {
-        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(EVENT_QUEUE)) else {
-            return;
-        };
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            log::warn!("vsock: no event buffer for the transport reset");
-            return;
-        };
-        let head = chain.head_index();
-        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
-        let written = chain
-            .into_iter()
-            .find(|d| d.is_write_only() && d.len() as usize >= event.len())
-            .and_then(|d| vm_memory::Bytes::write_slice(mem, &event, d.addr()).ok())
-            .map_or(0, |()| event.len() as u32);
-        if written == 0 {
-            log::warn!("vsock: the event buffer cannot hold the transport reset");
-        }
-        if let Err(e) = queue.add_used(mem, head, written) {
-            log::warn!("vsock: cannot return the event buffer: {e}");
-        }
-        self.signal_used(EVENT_QUEUE);
-    }
-
     fn signal_used(&mut self, index: usize) {
         let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(index)) else {
             return;
@@ -357,9 +328,16 @@ impl VirtioDevice for Vsock {
         self.mem.is_some()
     }
 
-    fn restored(&mut self) -> bool {
-        self.send_transport_reset();
-        false
+    /// A guest saved with a connection would find it alive after the restore, the host's end
+    /// gone; telling it with a transport reset instead races with the host's first new
+    /// connection, which the reset would kill on the guest's side alone if the guest handled
+    /// it second (its event and rx queues are served by separate work items). So a VM is
+    /// saved only without connections, and restored without a reset.
+    fn unsaved_state(&self) -> Option<String> {
+        match self.muxer.live_state() {
+            0 => None,
+            n => Some(format!("vsock has {n} connections or packets in flight")),
+        }
     }
 
     fn reset(&mut self) {

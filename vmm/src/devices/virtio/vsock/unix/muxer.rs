@@ -109,6 +109,12 @@ impl Muxer {
         self.pending_control = 0;
     }
 
+    /// Connections the guest has with the host and packets for the guest not yet delivered:
+    /// host-side state a snapshot of the VM would lose.
+    pub fn live_state(&self) -> usize {
+        self.connections.len() + self.pending_control + self.clients.len()
+    }
+
     /// Whether the guest has packets waiting for rx buffers.
     pub fn has_pending_rx(&self) -> bool {
         !self.tickets.is_empty()
