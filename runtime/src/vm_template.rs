@@ -95,7 +95,14 @@ fn key(config: &VmConfig) -> anyhow::Result<String> {
         format!("disks {:?}", config.disks.iter().map(|d| d.read_only).collect::<Vec<_>>()),
         format!("nets {}", config.nets.len()),
         format!("vsock {:?}", config.vsock.as_ref().map(|v| v.guest_cid)),
-        format!("husk {}:{}:{}:{}", meta.dev(), meta.ino(), meta.size(), meta.mtime_nsec()),
+        format!(
+            "husk {}:{}:{}:{}.{}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ),
     ] {
         h.update(part.as_bytes());
         h.update([0]);

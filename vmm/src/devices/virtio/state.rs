@@ -122,6 +122,13 @@ impl MmioTransport {
         let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
         let io = |e: std::io::Error| SnapshotError::Activate(e.to_string());
         device.interrupt().restore_status(saved.interrupt_status).map_err(io)?;
+        if driver_ok {
+            // A notification the guest made just before the save reached only the saved VM's
+            // event: the device looks at each queue once, as if notified.
+            for evt in device.queue_events() {
+                evt.write(1).map_err(io)?;
+            }
+        }
         if driver_ok && device.restored() {
             drop(device);
             self.config_changed().map_err(io)?;

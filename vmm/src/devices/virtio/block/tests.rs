@@ -713,6 +713,8 @@ fn a_restored_disk_has_the_driver_read_its_capacity_again() {
     assert!(restored.block.lock().unwrap().is_activated());
     assert_eq!(read_reg(&mut restored.transport, 0xfc), generation.wrapping_add(1));
     assert_eq!(read_reg(&mut restored.transport, 0x60) & 2, 2, "the config interrupt");
+    let kicked = restored.block.lock().unwrap().queue_events()[0].read().unwrap();
+    assert_eq!(kicked, 1, "the queue is looked at once, for a notification the save missed");
     let mut capacity = [0u8; 8];
     restored.transport.read(0x100, &mut capacity);
     assert_eq!(u64::from_le_bytes(capacity), SECTORS);
