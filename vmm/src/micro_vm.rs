@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use linux_loader::cmdline::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::*;
@@ -39,7 +39,8 @@ use crate::memory::{
     SMALL_BOOT_PAGES,
 };
 use crate::snapshot::{
-    map_memory_file, write_memory_file, SnapshotError, VmSnapshot, VmState, MEMORY_FILE,
+    map_memory_file, region_layout, write_memory_file, SnapshotError, VmSnapshot, VmState,
+    MEMORY_FILE,
 };
 use crate::vcpu::{kick, PauseGate, Vcpu, VcpuError, VcpuStop};
 use crate::zero_pages::{ZeroPageReclaim, ZeroPageReclaimer};
@@ -225,6 +226,13 @@ enum Start<'a> {
     Restore { snapshot: &'a VmSnapshot, memory: &'a File },
 }
 
+/// Where the vCPUs start: at the loaded kernel's entry point, or in their saved state.
+#[derive(Clone, Copy)]
+enum VcpuStart<'a> {
+    Entry(GuestAddress),
+    Saved(&'a VmSnapshot),
+}
+
 impl MicroVm {
     /// Build the VM described by `config`. Nothing runs yet.
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
@@ -305,21 +313,20 @@ impl MicroVm {
 
         // `mem` first: bindings are dropped in reverse, so on an error it goes after the devices.
         let VmBuilder { mem, vm, pio, mmio, mut event_manager, cmdline, transports, .. } = builder;
-        let entry = match saved {
-            None => Some(load_guest(&mem, config, &cmdline)?),
-            Some(_) => None,
+        let vcpu_start = match saved {
+            None => VcpuStart::Entry(load_guest(&mem, config, &cmdline)?),
+            Some(saved) => VcpuStart::Saved(saved),
         };
 
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let vcpus = (0..config.vcpus)
             .map(|id| {
                 let vcpu = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
-                match (entry, saved) {
-                    (Some(entry), _) => vcpu.configure(&vm, entry, config.vcpus)?,
-                    (None, Some(saved)) => {
+                match vcpu_start {
+                    VcpuStart::Entry(entry) => vcpu.configure(&vm, entry, config.vcpus)?,
+                    VcpuStart::Saved(saved) => {
                         vcpu.restore(&vm, config.vcpus, &saved.vcpus[usize::from(id)])?
                     }
-                    (None, None) => unreachable!("a VM either boots or is restored"),
                 }
                 Ok(vcpu)
             })
@@ -354,7 +361,6 @@ impl MicroVm {
         let snapshotter = Arc::new(Mutex::new(Snapshotter {
             trigger: eventfd()?,
             requests: mpsc::channel(),
-            msr_indices: vm.msr_index_list()?,
             vm: vm.clone(),
             mem: mem.deref().clone(),
             vcpu_count: usize::from(config.vcpus),
@@ -647,7 +653,6 @@ struct SnapshotRequest {
 struct Snapshotter {
     trigger: EventFd,
     requests: (mpsc::Sender<SnapshotRequest>, mpsc::Receiver<SnapshotRequest>),
-    msr_indices: Vec<u32>,
     vm: Arc<KvmVm>,
     mem: GuestMemoryMmap,
     vcpu_count: usize,
@@ -668,10 +673,12 @@ impl Snapshotter {
                 return Err(SnapshotError::Busy(reason));
             }
         }
+        // Asked for here, not at every VM's build: only VMs that are saved need it.
+        let msr_indices = self.vm.msr_index_list()?;
         let threads = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         let (paused, mut saved) = self
             .gate
-            .pause_and_save(&threads, SNAPSHOT_PAUSE_TIMEOUT, self.msr_indices.clone())
+            .pause_and_save(&threads, SNAPSHOT_PAUSE_TIMEOUT, msr_indices)
             .ok_or(SnapshotError::NotPaused)?;
         if saved.len() != self.vcpu_count {
             return Err(SnapshotError::VcpusGone { running: saved.len(), wanted: self.vcpu_count });
@@ -686,8 +693,7 @@ impl Snapshotter {
             .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
             .collect();
         write_memory_file(&self.mem, &dir.join(MEMORY_FILE), &paused)?;
-        let regions = self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        VmSnapshot::new(regions, vcpus, vm, serial, virtio).write(dir)?;
+        VmSnapshot::new(region_layout(&self.mem), vcpus, vm, serial, virtio).write(dir)?;
         drop(paused);
         log::debug!("VM saved to {} in {:?}", dir.display(), start.elapsed());
         Ok(())

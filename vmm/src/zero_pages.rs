@@ -256,11 +256,13 @@ fn rebuild_sparse_huge_pages(range: Range<usize>) -> io::Result<u64> {
     Ok(freed)
 }
 
-/// Whether the resident page of guest memory at `page` holds only zeros.
-fn holds_only_zeros(page: usize) -> bool {
-    // SAFETY: `page` is a resident, page-aligned page of an anonymous mapping of guest memory,
-    // readable and aligned for u64s; nothing writes it while this reads (the vCPUs are paused
-    // and device emulation runs on this thread).
+/// Whether the resident page of guest memory at `page` holds only zeros. The callers (the
+/// reclaim here, a snapshot's memory file) hold the vCPUs paused and run on the thread that
+/// emulates the devices.
+pub(crate) fn holds_only_zeros(page: usize) -> bool {
+    // SAFETY: `page` is a resident, page-aligned page of guest memory, readable and aligned
+    // for u64s; nothing writes it while this reads (the vCPUs are paused and device emulation
+    // runs on this thread).
     let words = unsafe { std::slice::from_raw_parts(page as *const u64, PAGE / 8) };
     words.iter().all(|&word| word == 0)
 }

@@ -14,7 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::SnapshotError;
 use crate::memory::{map_file_private, GuestMemoryMmap};
 use crate::vcpu::Paused;
-use crate::zero_pages::{resident_pages, PAGE};
+use crate::zero_pages::{holds_only_zeros, resident_pages, PAGE};
 
 /// Write the guest memory of `mem` to a new file at `path`; `_paused` proves that no vCPU
 /// writes it meanwhile (devices run on the caller's thread).
@@ -37,9 +37,7 @@ pub fn write_memory_file(
         let resident = resident_pages(&(host..host + len)).map_err(file_err)?;
         let mut run: Option<usize> = None;
         for (index, &resident) in resident.iter().chain([&false]).enumerate() {
-            // SAFETY: `index < resident.len()` is a resident page of this region (mapped,
-            // readable); nothing writes it while this reads (`_paused`).
-            let keep = resident && !page_is_zero(unsafe { page_at(host, index) });
+            let keep = resident && !holds_only_zeros(host + index * PAGE);
             match (keep, run) {
                 (true, None) => run = Some(index),
                 (false, Some(start)) => {
@@ -61,17 +59,9 @@ pub fn write_memory_file(
     file.sync_data().map_err(file_err)
 }
 
-/// Page `index` of the mapping at `host`.
-///
-/// # Safety
-/// The page must be mapped and readable, and not written while the slice lives.
-unsafe fn page_at<'a>(host: usize, index: usize) -> &'a [u64] {
-    // SAFETY: the caller's promise; the page is page-aligned, so aligned for u64s.
-    unsafe { std::slice::from_raw_parts((host + index * PAGE) as *const u64, PAGE / 8) }
-}
-
-fn page_is_zero(words: &[u64]) -> bool {
-    words.iter().all(|&w| w == 0)
+/// The (guest address, bytes) of each region of `mem`, in order: the layout of a memory file.
+pub fn region_layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
 }
 
 /// Map the memory file `file` of a snapshot with `regions` privately over `mem`, whose
@@ -81,7 +71,7 @@ pub fn map_memory_file(
     regions: &[(u64, u64)],
     file: &File,
 ) -> Result<(), SnapshotError> {
-    let ours: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let ours = region_layout(mem);
     if ours != regions {
         return Err(SnapshotError::Mismatch(format!(
             "guest memory regions {ours:x?}, saved {regions:x?}"

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use memory_file::{map_memory_file, write_memory_file};
+pub use memory_file::{map_memory_file, region_layout, write_memory_file};
 pub use vcpu_state::VcpuState;
 pub use vm_state::VmState;
 
@@ -52,6 +52,9 @@ pub enum SnapshotError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM could not list the MSRs to save.
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm_vm::KvmError),
     /// More MSRs than KVM takes in one call.
     #[error("too many MSRs to save")]
     TooManyMsrs,
