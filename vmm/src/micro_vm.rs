@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
+use vm_superio::serial::SerialState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::*;
@@ -26,7 +27,7 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{
-    BootTimer, ConsoleFile, EventFdTrigger, SerialConsole, SerialInput, SerialSnapshot, I8042,
+    BootTimer, ConsoleFile, EventFdTrigger, SerialConsole, SerialInput, I8042,
 };
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
@@ -506,7 +507,7 @@ fn attach_legacy_devices(
     start: Instant,
     stop: &Arc<AtomicBool>,
     reset_evt: &EventFd,
-    saved: Option<&SerialSnapshot>,
+    saved: Option<&SerialState>,
 ) -> Result<(BootTime, Console), VmmError> {
     let serial_irq = eventfd()?;
     builder.vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;

@@ -32,6 +32,8 @@ pub use memory_file::{map_memory_file, region_layout, write_memory_file};
 pub use vcpu_state::VcpuState;
 pub use vm_state::VmState;
 
+use vm_superio::serial::SerialState;
+
 use crate::devices::legacy::SerialSnapshot;
 use crate::devices::virtio::state::VirtioSnapshot;
 
@@ -106,7 +108,8 @@ pub struct VmSnapshot {
     pub(crate) regions: Vec<(u64, u64)>,
     pub(crate) vcpus: Vec<VcpuState>,
     pub(crate) vm: VmState,
-    pub(crate) serial: SerialSnapshot,
+    #[serde(with = "SerialSnapshot")]
+    pub(crate) serial: SerialState,
     pub(crate) virtio: Vec<VirtioSnapshot>,
 }
 
@@ -115,7 +118,7 @@ impl VmSnapshot {
         regions: Vec<(u64, u64)>,
         vcpus: Vec<VcpuState>,
         vm: VmState,
-        serial: SerialSnapshot,
+        serial: SerialState,
         virtio: Vec<VirtioSnapshot>,
     ) -> Self {
         VmSnapshot { format: FORMAT, regions, vcpus, vm, serial, virtio }

@@ -35,8 +35,10 @@ impl SerialEvents for InputEvents {
     }
 }
 
-/// The UART's state in a snapshot (vm-superio's `SerialState`, which has no serde).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// vm-superio's `SerialState` (which has no serde) as a snapshot stores it: a field of type
+/// `SerialState` takes `#[serde(with = "SerialSnapshot")]`.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
 pub struct SerialSnapshot {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
@@ -70,40 +72,16 @@ impl SerialConsole {
         irq: EventFdTrigger,
         fifo_drained: EventFd,
         out: Box<dyn Write + Send>,
-        saved: &SerialSnapshot,
+        saved: &SerialState,
     ) -> std::io::Result<Self> {
-        let state = SerialState {
-            baud_divisor_low: saved.baud_divisor_low,
-            baud_divisor_high: saved.baud_divisor_high,
-            interrupt_enable: saved.interrupt_enable,
-            interrupt_identification: saved.interrupt_identification,
-            line_control: saved.line_control,
-            line_status: saved.line_status,
-            modem_control: saved.modem_control,
-            modem_status: saved.modem_status,
-            scratch: saved.scratch,
-            in_buffer: saved.in_buffer.clone(),
-        };
-        let uart = Serial::from_state(&state, irq, InputEvents { fifo_drained }, out)
+        let uart = Serial::from_state(saved, irq, InputEvents { fifo_drained }, out)
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         Ok(SerialConsole { uart, output_failed: false })
     }
 
     /// The UART's registers and receive FIFO, for a snapshot.
-    pub fn snapshot(&self) -> SerialSnapshot {
-        let state = self.uart.state();
-        SerialSnapshot {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer,
-        }
+    pub fn snapshot(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// Queue host input for the guest; returns how many bytes the FIFO took.

@@ -3,14 +3,15 @@
 //! from the same configuration activates the device again if the driver had.
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 
 use super::mmio::{status, MmioTransport};
 use crate::snapshot::SnapshotError;
 
-/// One virtio queue (virtio-queue's `QueueState`, which has no serde).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct QueueSnapshot {
+/// virtio-queue's `QueueState` (which has no serde) as a snapshot stores it.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
     max_size: u16,
     next_avail: u16,
     next_used: u16,
@@ -22,37 +23,9 @@ pub struct QueueSnapshot {
     used_ring: u64,
 }
 
-impl QueueSnapshot {
-    fn of(queue: &Queue) -> Self {
-        let s = queue.state();
-        QueueSnapshot {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-        }
-    }
-
-    fn to_queue(&self) -> Result<Queue, SnapshotError> {
-        Queue::try_from(virtio_queue::QueueState {
-            max_size: self.max_size,
-            next_avail: self.next_avail,
-            next_used: self.next_used,
-            event_idx_enabled: self.event_idx_enabled,
-            size: self.size,
-            ready: self.ready,
-            desc_table: self.desc_table,
-            avail_ring: self.avail_ring,
-            used_ring: self.used_ring,
-        })
-        .map_err(SnapshotError::Queue)
-    }
-}
+/// One virtio queue in a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct QueueSnapshot(#[serde(with = "QueueStateDef")] QueueState);
 
 /// The virtio-mmio transport's own registers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -83,7 +56,7 @@ impl MmioTransport {
             transport: self.registers(),
             acked_features: device.acked_features(),
             interrupt_status: device.interrupt().status(),
-            queues: device.queues().iter().map(QueueSnapshot::of).collect(),
+            queues: device.queues().iter().map(|q| QueueSnapshot(q.state())).collect(),
         }
     }
 
@@ -110,7 +83,7 @@ impl MmioTransport {
             let offered = device.avail_features();
             device.set_acked_features(saved.acked_features & offered);
             for (queue, saved) in device.queues_mut().iter_mut().zip(&saved.queues) {
-                *queue = saved.to_queue()?;
+                *queue = Queue::try_from(saved.0).map_err(SnapshotError::Queue)?;
             }
         }
         self.set_registers(&saved.transport);
@@ -118,8 +91,7 @@ impl MmioTransport {
         if driver_ok {
             self.activate_restored().map_err(SnapshotError::Activate)?;
         }
-        let device = self.device();
-        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut device = self.locked_device();
         let io = |e: std::io::Error| SnapshotError::Activate(e.to_string());
         device.interrupt().restore_status(saved.interrupt_status).map_err(io)?;
         if driver_ok {
