@@ -174,25 +174,15 @@ pub fn update_interface(iface: &pb::Interface) -> Result<()> {
         .ok_or_else(|| Error::NotFound(format!("no NIC with MAC {}", mac_text(&found_by))))?;
     let index = link.index;
     let mut name = link.name;
+    let mut up = link.flags & IFF_UP != 0;
     if found_by != mac {
-        if link.flags & IFF_UP != 0 {
-            nl.request(netlink::RTM_NEWLINK, 0, &ifinfomsg(index, 0, IFF_UP))
-                .map_err(netlink_error(format!("taking {name} down to set its MAC")))?;
-        }
-        let mut body = ifinfomsg(index, 0, 0);
-        put_attr(&mut body, IFLA_ADDRESS, &mac);
-        nl.request(netlink::RTM_NEWLINK, 0, &body)
-            .map_err(netlink_error(format!("setting the MAC of {name} to {}", iface.mac)))?;
+        let what = format!("setting the MAC of {name} to {}", iface.mac);
+        set_while_down(&mut nl, index, &mut up, IFLA_ADDRESS, &mac, &what)?;
     }
     if !iface.name.is_empty() && iface.name != name {
-        if link.flags & IFF_UP != 0 {
-            nl.request(netlink::RTM_NEWLINK, 0, &ifinfomsg(index, 0, IFF_UP))
-                .map_err(netlink_error(format!("taking {name} down to rename it")))?;
-        }
-        let mut body = ifinfomsg(index, 0, 0);
-        put_attr(&mut body, IFLA_IFNAME, format!("{}\0", iface.name).as_bytes());
-        nl.request(netlink::RTM_NEWLINK, 0, &body)
-            .map_err(netlink_error(format!("renaming {name} to {}", iface.name)))?;
+        let what = format!("renaming {name} to {}", iface.name);
+        let value = format!("{}\0", iface.name);
+        set_while_down(&mut nl, index, &mut up, IFLA_IFNAME, value.as_bytes(), &what)?;
         name.clone_from(&iface.name);
     }
     if iface.mtu != 0 {
@@ -206,6 +196,27 @@ pub fn update_interface(iface: &pb::Interface) -> Result<()> {
     replace_addresses(&mut nl, index, &name, &wanted)?;
     log::info!("NIC {} is {name} with {} addresses", iface.mac, wanted.len());
     Ok(())
+}
+
+/// Set link attribute `attr` of NIC `index` to `value`, which the kernel takes only while the
+/// link is down: first taking it down if `up` (which then says it is down). `what` names the
+/// change in errors.
+fn set_while_down(
+    nl: &mut Netlink,
+    index: u32,
+    up: &mut bool,
+    attr: u16,
+    value: &[u8],
+    what: &str,
+) -> Result<()> {
+    if *up {
+        nl.request(netlink::RTM_NEWLINK, 0, &ifinfomsg(index, 0, IFF_UP))
+            .map_err(netlink_error(format!("taking the link down for {what}")))?;
+        *up = false;
+    }
+    let mut body = ifinfomsg(index, 0, 0);
+    put_attr(&mut body, attr, value);
+    nl.request(netlink::RTM_NEWLINK, 0, &body).map_err(netlink_error(what.to_string()))
 }
 
 fn replace_addresses(
