@@ -16,6 +16,7 @@ use husk_agent_protocol::agent_ttrpc::AgentClient;
 use husk_agent_protocol::hybrid_vsock::SocketPath;
 use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;
+use vmm::devices::virtio::net::format_mac;
 use vmm::devices::virtio::vsock::VsockConfig;
 use vmm::micro_vm::{MicroVm, VmOutcome, VmmError};
 use vmm::zero_pages::ZeroPageReclaim;
@@ -245,13 +246,12 @@ fn configure_guest_network(
     guest: &GuestNetwork,
     restored: bool,
 ) -> anyhow::Result<()> {
-    let text = |mac: &[u8]| mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     for (index, nic) in guest.interfaces.iter().enumerate() {
         let mut req = pb::UpdateInterfaceRequest::new();
         let i = req.interface.mut_or_insert_default();
-        i.mac = text(&nic.mac);
+        i.mac = format_mac(&nic.mac);
         if restored {
-            i.guest_mac = text(&vm_template::nic_mac(index));
+            i.guest_mac = format_mac(&vm_template::nic_mac(index));
         }
         i.name = nic.name.clone();
         if nic.mtu > MAX_GUEST_MTU {

@@ -290,7 +290,7 @@ impl VirtioDevice for Net {
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
-fn format_mac(mac: &[u8; 6]) -> String {
+pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 

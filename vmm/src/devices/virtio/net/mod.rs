@@ -18,7 +18,9 @@ mod event_handler;
 mod packet;
 mod tap;
 
-pub use device::{Net, NetConfig, NetCounters, NetError, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+pub use device::{
+    format_mac, Net, NetConfig, NetCounters, NetError, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+};
 pub use tap::TapError;
 
 #[cfg(test)]
