@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// How old a copy that is not the current one must be to be removed.
 const STALE_AFTER: Duration = Duration::from_secs(600);
@@ -97,32 +97,15 @@ pub fn pinned(what: BootFile, file: &Path, cache_dir: &Path) -> Result<PathBuf, 
         let _ = fs::remove_file(&partial);
         return Err(copy_err(e));
     }
-    remove_stale(&dir, &name);
+    crate::stale::remove_older_than(&dir, &[&name], STALE_AFTER);
     Ok(copy)
-}
-
-/// Remove the copies in `dir` other than `current` that were made long enough ago.
-fn remove_stale(dir: &Path, current: &str) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    let now = SystemTime::now();
-    for entry in entries.flatten() {
-        if entry.file_name() == current {
-            continue;
-        }
-        let made = entry.metadata().and_then(|m| m.modified());
-        let stale = made.is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > STALE_AFTER));
-        if stale {
-            if let Err(e) = fs::remove_file(entry.path()) {
-                log::debug!("removing the old copy {}: {e}", entry.path().display());
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use husk_tests::tiny_guest::TempDir;
+    use std::time::SystemTime;
 
     fn set_modified(path: &Path, when: SystemTime) {
         fs::File::options().write(true).open(path).unwrap().set_modified(when).unwrap();

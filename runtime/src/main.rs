@@ -18,6 +18,7 @@ mod rootfs_image;
 mod session;
 mod settings;
 mod signals;
+mod stale;
 mod stdio;
 mod sync_pipe;
 mod terminal;

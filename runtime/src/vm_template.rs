@@ -194,25 +194,7 @@ fn console_tail(path: &Path) -> String {
 /// Remove the templates in `root` other than `current` unused for long, their locks, and what
 /// a create killed while it made one left.
 fn remove_stale(root: &Path, current: &str) {
-    let Ok(entries) = fs::read_dir(root) else { return };
-    let now = SystemTime::now();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name == current || name == format!(".{current}.lock") {
-            continue;
-        }
-        let Ok(meta) = entry.metadata() else { continue };
-        let used = meta.modified();
-        if used.is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age > STALE_AFTER)) {
-            let removed = match meta.is_dir() {
-                true => fs::remove_dir_all(entry.path()),
-                false => fs::remove_file(entry.path()),
-            };
-            if let Err(e) = removed {
-                log::debug!("removing the old template {}: {e}", entry.path().display());
-            }
-        }
-    }
+    crate::stale::remove_older_than(root, &[current, &format!(".{current}.lock")], STALE_AFTER);
 }
 
 #[cfg(test)]
