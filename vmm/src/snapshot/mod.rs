@@ -99,6 +99,11 @@ pub enum SnapshotError {
     Activate(String),
 }
 
+/// The error of the KVM call that did `what`.
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
+    move |source| SnapshotError::Ioctl { what, source }
+}
+
 /// Everything of a VM but its memory.
 #[derive(Serialize, Deserialize)]
 pub struct VmSnapshot {

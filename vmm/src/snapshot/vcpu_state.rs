@@ -10,7 +10,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
-use super::SnapshotError;
+use super::{ioctl, SnapshotError};
 
 /// What a vCPU is, between two `KVM_RUN`s.
 #[derive(Serialize, Deserialize)]
@@ -33,10 +33,6 @@ impl std::fmt::Debug for VcpuState {
             .field("msrs", &self.msrs.len())
             .finish_non_exhaustive()
     }
-}
-
-fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
-    move |source| SnapshotError::Ioctl { what, source }
 }
 
 impl VcpuState {

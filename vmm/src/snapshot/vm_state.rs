@@ -9,7 +9,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use super::SnapshotError;
+use super::{ioctl, SnapshotError};
 
 /// The irqchip, PIT and clock of a VM whose vCPUs are paused.
 #[derive(Serialize, Deserialize)]
@@ -19,10 +19,6 @@ pub struct VmState {
     ioapic: kvm_irqchip,
     pit: kvm_pit_state2,
     clock: kvm_clock_data,
-}
-
-fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
-    move |source| SnapshotError::Ioctl { what, source }
 }
 
 fn get_chip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, SnapshotError> {
