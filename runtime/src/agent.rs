@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_agent_protocol::agent as pb;
-use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::hybrid_vsock;
 use husk_agent_protocol::{AGENT_PORT, READY_PORT};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use husk_agent_protocol::agent as pb;
-use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::stream::StreamKind;
 
 use crate::agent::{ctx, ctx_forever, describe};

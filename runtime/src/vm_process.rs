@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use husk_agent_protocol::agent as pb;
-use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::hybrid_vsock::SocketPath;
 use vmm::config::{ConsoleConfig, ConsoleOutput, VmConfig};
 use vmm::devices::virtio::block::BlockConfig;

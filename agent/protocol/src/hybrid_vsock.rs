@@ -4,7 +4,7 @@
 //! A refusal (no listener on the port) is EOF instead of the `OK` line.
 
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -40,8 +40,8 @@ pub enum ConnectError {
     },
     #[error("unexpected answer to CONNECT {port}: {line:?}")]
     BadReply { port: u32, line: String },
-    #[error("setting up the ttrpc client")]
-    Ttrpc(#[source] ttrpc::Error),
+    #[error("setting up the agent client")]
+    Client(#[source] io::Error),
 }
 
 /// Connect to the guest's vsock `port` through the VMM's hybrid vsock socket `uds`: the returned
@@ -138,13 +138,8 @@ pub fn open_stream(uds: &Path, header: &StreamHeader) -> Result<UnixStream, Open
 
 /// A ttrpc client for the agent service over a connected stream (from [`connect`] to
 /// [`crate::AGENT_PORT`], or a Unix socket the agent listens on directly).
-pub fn agent_client(
-    stream: impl Into<OwnedFd>,
-) -> Result<crate::agent_ttrpc::AgentClient, ConnectError> {
-    let fd = stream.into().into_raw_fd();
-    // ttrpc::Client::new takes ownership of the descriptor and closes it on drop.
-    let client = ttrpc::Client::new(fd).map_err(ConnectError::Ttrpc)?;
-    Ok(crate::agent_ttrpc::AgentClient::new(client))
+pub fn agent_client(stream: UnixStream) -> Result<crate::client::AgentClient, ConnectError> {
+    crate::client::AgentClient::new(stream).map_err(ConnectError::Client)
 }
 
 #[cfg(test)]

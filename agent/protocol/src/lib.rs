@@ -9,7 +9,8 @@
 //!   service in `proto/agent.proto` (generated at build time into [`agent`] and [`agent_ttrpc`]
 //!   by ttrpc-codegen's pure-Rust parser; no `protoc` is needed). The runtime is the client:
 //!   [`hybrid_vsock::connect`] opens husk's hybrid vsock to the port, and
-//!   [`hybrid_vsock::agent_client`] puts an [`agent_ttrpc::AgentClient`] on it.
+//!   [`hybrid_vsock::agent_client`] puts a [`client::AgentClient`] on it (husk's own client:
+//!   ttrpc's generated one wakes up every 10 ms while its connection is open; see [`client`]).
 //! - [`STDIO_PORT`] (1025): process stdio, one connection per stream (below).
 //!
 //! Once both listen, the agent connects to the host's [`READY_PORT`] (1026) and closes the
@@ -62,6 +63,7 @@
 //! exit) reads the output streams to EOF, which the agent guarantees to deliver after the last
 //! byte, before it acts on the exit status.
 
+pub mod client;
 pub mod hybrid_vsock;
 pub mod line;
 pub mod stream;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use husk_agent_protocol::agent as pb;
-use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::client::AgentClient;
 use husk_agent_protocol::stream::{StreamHeader, StreamKind};
 use serde_json::Value;
 

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use husk_agent_protocol::agent as pb;
-use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::client::AgentClient;
 use serde_json::{json, Value};
 
 use crate::agent::{self, ctx, describe};

@@ -16,7 +16,7 @@ pub mod state;
 pub mod update;
 
 use anyhow::anyhow;
-use husk_agent_protocol::agent_ttrpc::AgentClient;
+use husk_agent_protocol::client::AgentClient;
 
 use crate::agent;
 use crate::cli::GlobalArgs;
