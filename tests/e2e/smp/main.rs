@@ -1,0 +1,49 @@
+//! Guests with several vCPUs restored from a VM template: every vCPU's state (registers, local
+//! APIC and its timer, MP state) comes back, so the restored guest runs work, timers included,
+//! on each of them. husk gives a guest no more vCPUs than its host has CPUs, so this suite needs
+//! a host with two or more: `make test-e2e` runs it in a nested test host with two.
+
+use std::time::Duration;
+
+use husk_tests::oci::{process, spec};
+use husk_tests::runtime::{wait_pid, Husk};
+use serde_json::json;
+
+/// The guest's CPU count and online CPUs, then a sleep and an echo pinned to each CPU in turn
+/// (a CPU that did not come back, or whose timer did not, never finishes its sleep: `timeout`
+/// ends it and its line is missing).
+const SCRIPT: &str = "nproc; cat /sys/devices/system/cpu/online; \
+    for c in 0 1; do timeout 30 taskset -c $c sh -c \"sleep 0.2; echo on $c\"; done";
+
+#[test]
+fn a_two_vcpu_guest_restored_from_its_template_works_on_both_vcpus() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this suite needs a host with 2 CPUs or more, this one has {cpus}: run it in \
+         `tests/nested/run --cpus 2` (as make test-e2e does)"
+    );
+    let husk = Husk::new();
+    let mut config = spec(process(&["sh", "-c", SCRIPT]));
+    config["linux"]["resources"]["cpu"] = json!({"quota": 200000, "period": 100000});
+    let bundle = husk.bundle_with("smp", config);
+    for id in ["first", "second"] {
+        // A guest that hangs (a vCPU that never answers an IPI) must fail the test, not stall it.
+        let stdout = husk.dir().join(format!("{id}.out"));
+        let pid = husk
+            .cmd(&["run", "--bundle", bundle.to_str().unwrap(), id])
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .spawn()
+            .unwrap()
+            .id();
+        // Reaped here, by pid, with a deadline (std's wait has none).
+        let code = wait_pid(pid as i32, Duration::from_secs(120));
+        assert_eq!(code, 0, "{id}: {}", husk.logs());
+        let out = std::fs::read_to_string(&stdout).unwrap();
+        assert_eq!(out, "2\n0-1\non 0\non 1\n", "{id}");
+    }
+    let log = std::fs::read_to_string(husk.log()).unwrap();
+    assert_eq!(log.matches("micro-VM built in").count(), 1, "only the template booted: {log}");
+    assert_eq!(log.matches("micro-VM restored").count(), 2, "{log}");
+    husk.assert_nothing_left();
+}
