@@ -7,11 +7,12 @@ run on the same busybox bundle.
     of all the processes of that run and its delete, split into the time vCPU threads spent in
     the guest (KVM's guest time) and the rest, the host side, which runs at the host's speed
     wherever the guest runs;
-  - idle memory: the PSS summed over every host process of an idle container (`sleep`), after
-    it has settled (husk: its VM process, which holds the guest's memory; runc: the container's
-    process; runsc: the sandbox, gofer and their children): one container alone, and each of
-    --idle-count side by side (what they share, such as a kernel's or a binary's page cache
-    pages, is then split between them, as PSS does);
+  - idle memory and CPU: the PSS summed over every host process of an idle container (`sleep`)
+    once it has settled (husk: its VM process, which holds the guest's memory; runc: the
+    container's process; runsc: the sandbox, gofer and their children), then the CPU time those
+    processes use in the next seconds: one container alone, and each of --idle-count side by
+    side (what they share, such as a kernel's or a binary's page cache pages, is then split
+    between them, as PSS does);
   - start rate: N containers started with `run --detach`, 10 at a time, then deleted: containers
     per second, and per host core.
 
@@ -193,9 +194,22 @@ def processes_mentioning(needle):
     return found
 
 
-def idle_memory_mib(rt, bundle, count, settle_s):
-    """PSS of the host processes of `count` idle containers side by side, per container, and
-    the number of processes."""
+def cpu_ticks(pids):
+    """User and system clock ticks of the processes `pids` (all their threads; a vCPU thread's
+    guest time is part of its user time)."""
+    total = 0
+    for p in pids:
+        try:
+            total += stat_field(p, 14) + stat_field(p, 15)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def idle_memory_mib(rt, bundle, count, settle_s, cpu_window_s):
+    """PSS of the host processes of `count` idle containers side by side, per container, the
+    number of processes, and the CPU they use while idle, per container (ms per second,
+    measured over `cpu_window_s` after the PSS)."""
     ids = [f"idle-{i}" for i in range(count)]
     pid_files = [os.path.join(os.path.dirname(bundle), f"{rt.name}-{cid}.pid") for cid in ids]
     try:
@@ -211,10 +225,13 @@ def idle_memory_mib(rt, bundle, count, settle_s):
             # The sandboxes and gofers are not below the containers' pids on the host.
             pids |= {q for p in processes_mentioning(rt.root) for q in descendants(p)}
         total = sum(pss_kib(p) for p in pids) / 1024
+        ticks = cpu_ticks(pids)
+        time.sleep(cpu_window_s)
+        idle_cpu_ms = (cpu_ticks(pids) - ticks) * 1000 / os.sysconf("SC_CLK_TCK")
     finally:
         for cid in ids:
             rt.run("delete", "--force", cid, check=False)
-    return total / count, len(pids)
+    return total / count, len(pids), idle_cpu_ms / cpu_window_s / count
 
 
 def start_rate(rt, bundle, count, parallel):
@@ -241,6 +258,7 @@ def main():
     ap.add_argument("--rate-count", type=int, default=20)
     ap.add_argument("--settle", type=float, default=5.0)
     ap.add_argument("--idle-count", type=int, default=10)
+    ap.add_argument("--idle-cpu-window", type=float, default=5.0)
     ap.add_argument("--where", required=True)
     ap.add_argument("--json")
     ap.add_argument("--busybox", default="/bin/busybox", help="a static busybox for the rootfs")
@@ -272,8 +290,10 @@ def main():
                 runs[rt.name].append(took)
                 cpu[rt.name].append((host_s, guest_s))
         set_child_subreaper(False)
-        memory = {rt.name: idle_memory_mib(rt, sleep_bundle, 1, a.settle) for rt in runtimes}
-        many = {rt.name: idle_memory_mib(rt, sleep_bundle, a.idle_count, a.settle)
+        memory = {rt.name: idle_memory_mib(rt, sleep_bundle, 1, a.settle, a.idle_cpu_window)
+                  for rt in runtimes}
+        many = {rt.name: idle_memory_mib(rt, sleep_bundle, a.idle_count, a.settle,
+                                         a.idle_cpu_window)
                 for rt in runtimes}
         rates = {rt.name: start_rate(rt, sleep_bundle, a.rate_count, 10) for rt in runtimes}
     finally:
@@ -305,6 +325,10 @@ def main():
               f"{m['runc'][0]:.1f} | {m['runsc'][0]:.1f} | "
               f"{m['husk'][0] / max(m['runc'][0], 0.01):.1f} | "
               f"{m['husk'][0] / max(m['runsc'][0], 0.01):.2f} |")
+    for label, m in (("an idle container alone", memory),
+                     (f"each of {a.idle_count} idle containers", many)):
+        print(f"| host CPU of {label} (ms per s) | {m['husk'][2]:.2f} | {m['runc'][2]:.2f} | "
+              f"{m['runsc'][2]:.2f} | | |")
     print(f"| start rate, 10 at a time (containers/s) | {rates['husk']:.2f} | "
           f"{rates['runc']:.2f} | {rates['runsc']:.2f} | "
           f"{rates['husk'] / rates['runc']:.2f} | {rates['husk'] / rates['runsc']:.2f} |")
@@ -313,14 +337,18 @@ def main():
     print(f"\nIdle memory counts {memory['husk'][1]} husk, {memory['runc'][1]} runc and "
           f"{memory['runsc'][1]} runsc host processes for one container "
           f"({many['husk'][1]}, {many['runc'][1]} and {many['runsc'][1]} for "
-          f"{a.idle_count}), {a.settle:.0f} s after start; "
+          f"{a.idle_count}), {a.settle:.0f} s after start; their CPU (user and system time "
+          f"of all their threads, a vCPU's guest time included) over the {a.idle_cpu_window:.0f} s "
+          f"after that; "
           f"start rate: {a.rate_count} containers with `run --detach`. husk's first run builds "
           f"the bundle's rootfs image and the VM template (a guest booted to its agent and "
           f"saved) that the others are restored from.")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"first_run_ms": first, "runs_s": runs, "cpu_host_guest_s": cpu, "idle_pss_mib": memory,
-                       f"idle_pss_mib_each_of_{a.idle_count}": many, "rate_per_s": rates}, f)
+            json.dump({"first_run_ms": first, "runs_s": runs, "cpu_host_guest_s": cpu,
+                       "idle_pss_mib_procs_cpu_ms_per_s": memory,
+                       f"idle_each_of_{a.idle_count}_pss_mib_procs_cpu_ms_per_s": many,
+                       "rate_per_s": rates}, f)
 
 
 if __name__ == "__main__":
