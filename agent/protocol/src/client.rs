@@ -23,7 +23,7 @@ use protobuf::Message;
 use ttrpc::context::Context;
 use ttrpc::proto::{
     Code, MessageHeader, Request, Response, MESSAGE_HEADER_LENGTH, MESSAGE_LENGTH_MAX,
-    MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE,
+    MESSAGE_TYPE_RESPONSE,
 };
 use ttrpc::{Error, Result};
 
@@ -128,7 +128,6 @@ impl AgentClient {
             w.calls.insert(id, tx);
         }
         let header: Vec<u8> = MessageHeader::new_request(id, body.len() as u32).into();
-        debug_assert_eq!(header[8], MESSAGE_TYPE_REQUEST);
         let sent = {
             let _one_writer = c.writing.lock().unwrap_or_else(|e| e.into_inner());
             (&c.stream).write_all(&header).and_then(|()| (&c.stream).write_all(&body))

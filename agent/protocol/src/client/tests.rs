@@ -19,7 +19,7 @@ impl Peer {
         let mut header = [0u8; MESSAGE_HEADER_LENGTH];
         self.stream.read_exact(&mut header).unwrap();
         let header = MessageHeader::from(&header[..]);
-        assert_eq!(header.type_, MESSAGE_TYPE_REQUEST);
+        assert_eq!(header.type_, ttrpc::proto::MESSAGE_TYPE_REQUEST);
         let mut body = vec![0u8; header.length as usize];
         self.stream.read_exact(&mut body).unwrap();
         (header.stream_id, Request::parse_from_bytes(&body).unwrap())
