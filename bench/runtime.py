@@ -99,11 +99,16 @@ def run_detached(rt, *args):
     return p
 
 
-def stat_field(pid, n):
-    """Field n (numbered from 1, as proc(5) does) of /proc/PID/stat, as an integer. The fields
-    from the third on follow the command name's closing parenthesis."""
+def stat_fields(pid, *ns):
+    """Fields ns (numbered from 1, as proc(5) does) of one read of /proc/PID/stat, as integers.
+    The fields from the third on follow the command name's closing parenthesis."""
     with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[n - 3])
+        fields = f.read().rsplit(")", 1)[1].split()
+    return [int(fields[n - 3]) for n in ns]
+
+
+def stat_field(pid, n):
+    return stat_fields(pid, n)[0]
 
 
 def children_cpu_s():
@@ -200,7 +205,7 @@ def cpu_ticks(pids):
     total = 0
     for p in pids:
         try:
-            total += stat_field(p, 14) + stat_field(p, 15)
+            total += sum(stat_fields(p, 14, 15))
         except (OSError, IndexError, ValueError):
             pass
     return total
