@@ -249,8 +249,8 @@ struct GateState {
     running: usize,
     /// vCPU threads waiting at the gate.
     waiting: usize,
-    /// While a pause for a snapshot is asked for: the MSRs to save, and each vCPU's state as
-    /// it arrives at the gate.
+    /// While a pause for a snapshot is asked for: the MSRs to save, and each vCPU's state,
+    /// saved once all of them wait at the gate.
     saving: Option<(Vec<u32>, SavedVcpus)>,
 }
 
@@ -288,8 +288,12 @@ impl PauseGate {
     }
 
     /// Called by vCPU `id`'s thread between two `KVM_RUN`s: wait as long as a pause is asked
-    /// for, after saving its state with `save` (given the MSRs to save) if the pause is for a
-    /// snapshot. Without a pause (nearly always) it takes no lock.
+    /// for; if the pause is for a snapshot, save its state with `save` (given the MSRs to save)
+    /// once every vCPU waits here. Without a pause (nearly always) it takes no lock.
+    ///
+    /// A vCPU is saved only when no other still runs the guest: one that runs can still change
+    /// it (an IPI lands in its LAPIC), and a change made after its save would be lost from the
+    /// snapshot: every guest restored from it would wait for that IPI for ever.
     fn wait_while_paused(
         &self,
         id: u8,
@@ -299,11 +303,15 @@ impl PauseGate {
             return;
         }
         let mut state = self.lock();
-        if let Some((msrs, saved)) = &mut state.saving {
-            saved.push((id, save(msrs)));
-        }
         state.waiting += 1;
         self.changed.notify_all();
+        while state.saving.is_some() && state.waiting < state.running {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some((msrs, saved)) = &mut state.saving {
+            saved.push((id, save(msrs)));
+            self.changed.notify_all();
+        }
         while self.requested.load(Ordering::SeqCst) {
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
@@ -317,8 +325,8 @@ impl PauseGate {
         self.pause_with(threads, timeout, None).map(|(paused, _)| paused)
     }
 
-    /// [`PauseGate::pause`], each vCPU saving its state (with the MSRs of `msr_indices`) as it
-    /// arrives at the gate; the states come back with the pause.
+    /// [`PauseGate::pause`], each vCPU saving its state (with the MSRs of `msr_indices`) once
+    /// all of them wait at the gate; the states come back with the pause.
     pub fn pause_and_save(
         &self,
         threads: &[JoinHandle<()>],
@@ -339,13 +347,20 @@ impl PauseGate {
         state.saving = save_msrs.map(|msrs| (msrs, Vec::new()));
         self.requested.store(true, Ordering::SeqCst);
         let paused = Paused { gate: self };
-        while state.waiting < state.running {
+        loop {
+            let all_out = state.waiting >= state.running;
+            let all_saved = state.saving.as_ref().is_none_or(|(_, s)| s.len() >= state.running);
+            if all_out && all_saved {
+                break;
+            }
             if Instant::now() >= deadline {
                 state.saving = None;
                 drop(state);
                 return None;
             }
-            threads.iter().for_each(kick);
+            if !all_out {
+                threads.iter().for_each(kick);
+            }
             // A kick that lands just before `KVM_RUN` starts is lost: kick again soon.
             state = self
                 .changed
@@ -389,33 +404,47 @@ pub fn kick(thread: &JoinHandle<()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
 
     /// Threads that count as vCPUs at `gate`, each adding to `count` between two waits at the
-    /// gate until `stop`; `slow` makes them sleep a second between two waits.
+    /// gate until `stop`, after `in_guest[i]` (its time "in the guest", counted in `inside`);
+    /// a save records how many of them were inside then.
+    struct VcpuLike {
+        threads: Vec<JoinHandle<()>>,
+        count: Arc<AtomicU64>,
+        inside_at_save: Arc<Mutex<Vec<usize>>>,
+    }
+
     fn vcpu_like_threads(
         gate: &Arc<PauseGate>,
         stop: &Arc<AtomicBool>,
-        count: &Arc<AtomicU64>,
-        slow: bool,
-    ) -> Vec<JoinHandle<()>> {
+        in_guest: [Duration; 2],
+    ) -> VcpuLike {
         install_kick_handler();
-        (0..2)
-            .map(|_| {
+        let count = Arc::new(AtomicU64::new(0));
+        let inside = Arc::new(AtomicUsize::new(0));
+        let inside_at_save = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..2u8)
+            .map(|id| {
                 let (gate, stop, count) = (gate.clone(), stop.clone(), count.clone());
+                let (inside, inside_at_save) = (inside.clone(), inside_at_save.clone());
                 gate.enter();
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
-                        gate.wait_while_paused(0, |_| Err(SnapshotError::ExitWhileSaving));
+                        gate.wait_while_paused(id, |_| {
+                            inside_at_save.lock().unwrap().push(inside.load(Ordering::SeqCst));
+                            Err(SnapshotError::ExitWhileSaving)
+                        });
+                        inside.fetch_add(1, Ordering::SeqCst);
                         count.fetch_add(1, Ordering::SeqCst);
-                        if slow {
-                            std::thread::sleep(Duration::from_secs(1));
-                        }
+                        std::thread::sleep(in_guest[usize::from(id)]);
+                        inside.fetch_sub(1, Ordering::SeqCst);
                     }
                     gate.leave();
                 })
             })
-            .collect()
+            .collect();
+        VcpuLike { threads, count, inside_at_save }
     }
 
     fn wait_for(what: &str, done: impl Fn() -> bool) {
@@ -428,8 +457,8 @@ mod tests {
 
     #[test]
     fn a_pause_holds_every_vcpu_until_it_is_dropped() {
-        let (gate, stop, count) = (Arc::default(), Arc::default(), Arc::new(AtomicU64::new(0)));
-        let threads = vcpu_like_threads(&gate, &stop, &count, false);
+        let (gate, stop) = (Arc::default(), Arc::default());
+        let VcpuLike { threads, count, .. } = vcpu_like_threads(&gate, &stop, [Duration::ZERO; 2]);
         wait_for("the threads run", || count.load(Ordering::SeqCst) > 0);
         let paused = gate.pause(&threads, Duration::from_secs(5)).expect("both pause");
         let held = count.load(Ordering::SeqCst);
@@ -445,13 +474,33 @@ mod tests {
 
     #[test]
     fn a_pause_that_does_not_come_in_time_is_given_up() {
-        let (gate, stop, count) = (Arc::default(), Arc::default(), Arc::new(AtomicU64::new(0)));
-        let threads = vcpu_like_threads(&gate, &stop, &count, true);
+        let (gate, stop) = (Arc::default(), Arc::default());
+        let second = Duration::from_secs(1);
+        let VcpuLike { threads, count, .. } = vcpu_like_threads(&gate, &stop, [second; 2]);
         wait_for("the threads run", || count.load(Ordering::SeqCst) == 2);
         assert!(gate.pause(&threads, Duration::from_millis(50)).is_none(), "they sleep");
         stop.store(true, Ordering::SeqCst);
         // Given up, the pause is no longer asked for: the threads pass the gate and end.
         threads.into_iter().for_each(|t| t.join().unwrap());
         assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn no_vcpu_is_saved_while_another_still_runs_the_guest() {
+        let (gate, stop) = (Arc::default(), Arc::default());
+        // The second "vCPU" stays in the guest for 300 ms at a time (a kick is no signal here:
+        // its sleep goes on), so the first reaches the gate well before it.
+        let in_guest = [Duration::ZERO, Duration::from_millis(300)];
+        let VcpuLike { threads, count, inside_at_save } = vcpu_like_threads(&gate, &stop, in_guest);
+        wait_for("the threads run", || count.load(Ordering::SeqCst) > 2);
+        let (paused, saved) =
+            gate.pause_and_save(&threads, Duration::from_secs(5), vec![]).expect("both pause");
+        let mut ids: Vec<u8> = saved.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [0, 1], "each vCPU saved once");
+        assert_eq!(*inside_at_save.lock().unwrap(), [0, 0], "vCPUs inside at each save");
+        drop(paused);
+        stop.store(true, Ordering::SeqCst);
+        threads.into_iter().for_each(|t| t.join().unwrap());
     }
 }
