@@ -205,6 +205,12 @@ impl Husk {
 /// Wait for a child of this (subreaper) process to exit; its exit code, 128 + signal when a
 /// signal killed it.
 pub fn wait_pid(pid: i32, timeout: Duration) -> i32 {
+    try_wait_pid(pid, timeout)
+        .unwrap_or_else(|| panic!("process {pid} did not exit within {timeout:?}"))
+}
+
+/// [`wait_pid`], `None` when the child is still running at the deadline.
+pub fn try_wait_pid(pid: i32, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut status = 0;
@@ -213,9 +219,11 @@ pub fn wait_pid(pid: i32, timeout: Duration) -> i32 {
         assert!(r >= 0, "waitpid({pid}): {}", std::io::Error::last_os_error());
         if r == pid {
             let status = std::process::ExitStatus::from_raw(status);
-            return status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            return Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
         }
-        assert!(Instant::now() < deadline, "process {pid} did not exit within {timeout:?}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use husk_tests::oci::{process, spec};
-use husk_tests::runtime::{wait_pid, Husk};
+use husk_tests::runtime::{try_wait_pid, Husk};
 use serde_json::json;
 
 /// The guest's CPU count and online CPUs, then a sleep and an echo pinned to each CPU in turn
@@ -36,8 +36,10 @@ fn a_two_vcpu_guest_restored_from_its_template_works_on_both_vcpus() {
             .spawn()
             .unwrap()
             .id();
-        // Reaped here, by pid, with a deadline (std's wait has none).
-        let code = wait_pid(pid as i32, Duration::from_secs(120));
+        // Reaped here, by pid, with a deadline (std's wait has none); a guest that hangs is
+        // shown by its console (a stalled CPU's report) while its VM still runs.
+        let code = try_wait_pid(pid as i32, Duration::from_secs(120))
+            .unwrap_or_else(|| panic!("{id}: no exit within 120 s: {}", husk.logs()));
         assert_eq!(code, 0, "{id}: {}", husk.logs());
         let out = std::fs::read_to_string(&stdout).unwrap();
         assert_eq!(out, "2\n0-1\non 0\non 1\n", "{id}");
