@@ -124,7 +124,7 @@ impl Bundle {
     }
 
     /// vCPUs: enough for the container's CPU quota, else the configured default; never more
-    /// than the host has.
+    /// than `max_vcpus` (by default the host's CPUs).
     pub fn guest_vcpus(&self, settings: &Settings) -> u8 {
         let cpu = &self.spec["linux"]["resources"]["cpu"];
         let wanted = match (cpu["quota"].as_i64(), cpu["period"].as_u64()) {
@@ -133,8 +133,7 @@ impl Bundle {
             }
             _ => u64::from(settings.default_vcpus),
         };
-        let host = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-        wanted.min(host).min(u64::from(u8::MAX)) as u8
+        wanted.min(u64::from(settings.max_vcpus)).max(1) as u8
     }
 
     /// The small host files the spec bind-mounts (Docker's resolv.conf, hosts, hostname), which
@@ -263,6 +262,7 @@ mod tests {
             kernel_cmdline: String::new(),
             default_memory_mib: 200,
             default_vcpus: 1,
+            max_vcpus: 2,
             log_level: log::LevelFilter::Warn,
             cache_dir: "/c".into(),
             boot_timeout: std::time::Duration::from_secs(1),
@@ -281,7 +281,8 @@ mod tests {
                                               "cpu": {"quota": 150000, "period": 100000}}});
         let b = bundle(&spec);
         assert_eq!(b.guest_mem_mib(&settings), 64 + GUEST_OVERHEAD_MIB);
-        let host = std::thread::available_parallelism().unwrap().get() as u8;
-        assert_eq!(b.guest_vcpus(&settings), 2.min(host));
+        assert_eq!(b.guest_vcpus(&settings), 2);
+        spec["linux"]["resources"]["cpu"]["quota"] = json!(400000);
+        assert_eq!(bundle(&spec).guest_vcpus(&settings), 2, "max_vcpus caps the quota's 4");
     }
 }

@@ -30,6 +30,9 @@ pub struct ConfigFile {
     pub kernel_cmdline: Option<String>,
     pub default_memory_mib: Option<u64>,
     pub default_vcpus: Option<u8>,
+    /// The most vCPUs a guest gets, whatever its CPU quota (default: the host's CPUs; more
+    /// makes the vCPUs share them).
+    pub max_vcpus: Option<u8>,
     /// error, warn, info or debug.
     pub log_level: Option<String>,
     pub cache_dir: Option<PathBuf>,
@@ -55,6 +58,7 @@ pub struct Settings {
     pub kernel_cmdline: String,
     pub default_memory_mib: u64,
     pub default_vcpus: u8,
+    pub max_vcpus: u8,
     pub log_level: log::LevelFilter,
     pub cache_dir: PathBuf,
     pub boot_timeout: std::time::Duration,
@@ -147,6 +151,7 @@ impl Settings {
             kernel_cmdline,
             default_memory_mib: file.default_memory_mib.unwrap_or(DEFAULT_MEM_MIB),
             default_vcpus: file.default_vcpus.unwrap_or(1),
+            max_vcpus: file.max_vcpus.unwrap_or_else(host_cpus),
             log_level,
             cache_dir: env_path("HUSK_CACHE_DIR")
                 .or(file.cache_dir)
@@ -155,6 +160,12 @@ impl Settings {
             vm_templates: env_vm_templates()?.or(file.vm_templates).unwrap_or(true),
         })
     }
+}
+
+/// The CPUs this process may run on (at most 255).
+fn host_cpus() -> u8 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u8::try_from(cpus).unwrap_or(u8::MAX)
 }
 
 /// Whether `HUSK_VM_TEMPLATES` asks for VM templates, if it is set (and not empty).
@@ -211,11 +222,12 @@ mod tests {
     fn config_file_keys() {
         let c: ConfigFile = toml::from_str(
             "kernel = \"/k\"\ninitrd = \"/i\"\ndefault_memory_mib = 512\ndefault_vcpus = 2\n\
-             log_level = \"debug\"\nkernel_cmdline = \"quiet\"\n",
+             max_vcpus = 4\nlog_level = \"debug\"\nkernel_cmdline = \"quiet\"\n",
         )
         .unwrap();
         assert_eq!(c.kernel.as_deref(), Some(Path::new("/k")));
         assert_eq!((c.default_memory_mib, c.default_vcpus), (Some(512), Some(2)));
+        assert_eq!(c.max_vcpus, Some(4));
         assert!(toml::from_str::<ConfigFile>("kernal = \"/k\"").is_err(), "typos are errors");
         assert!(parse_level("loud").is_err());
     }
