@@ -406,15 +406,17 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize};
 
-    /// Threads that count as vCPUs at `gate`, each adding to `count` between two waits at the
-    /// gate until `stop`, after `in_guest[i]` (its time "in the guest", counted in `inside`);
-    /// a save records how many of them were inside then.
+    /// What [`vcpu_like_threads`] started: the threads, how often they passed the gate, and
+    /// how many of them were "in the guest" at each save.
     struct VcpuLike {
         threads: Vec<JoinHandle<()>>,
         count: Arc<AtomicU64>,
         inside_at_save: Arc<Mutex<Vec<usize>>>,
     }
 
+    /// Two threads that count as vCPUs at `gate` until `stop`: after each pass through the
+    /// gate, thread `i` spends `in_guest[i]` "in the guest" (counted in `inside`, which a save
+    /// records).
     fn vcpu_like_threads(
         gate: &Arc<PauseGate>,
         stop: &Arc<AtomicBool>,
